@@ -1,0 +1,90 @@
+"""LoRA on any torch module through peft: choose targets, inject, read and write the weights.
+Architecture-agnostic: key layouts on disk are the architecture's business (`lora_to_file`)."""
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+
+ADAPTER = "default"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+
+
+def select_linear_modules(module: torch.nn.Module, candidates: list[str], *, only_if_contains: list[str] | None,
+                          ignore_if_contains: list[str] | None) -> list[str]:
+    """Filter candidate module names as ai-toolkit's network_kwargs do (ignore wins over only)."""
+    names = [n for n in candidates if isinstance(module.get_submodule(n), torch.nn.Linear)]
+    if only_if_contains:
+        names = [n for n in names if any(s in n for s in only_if_contains)]
+    if ignore_if_contains:
+        names = [n for n in names if not any(s in n for s in ignore_if_contains)]
+    return names
+
+
+def inject_lora(module: torch.nn.Module, targets: list[str], spec: LoraSpec, *, seed: int | None = None) -> list[torch.nn.Parameter]:
+    """Add a LoRA to each named Linear; returns the new trainable parameters (fp32, as trainers keep them)."""
+    if not targets:
+        raise ValueError("no layer matched the LoRA targets: check network.network_kwargs only_if_contains / ignore_if_contains")
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout or 0.0,
+                        target_modules="|".join(re.escape(n) for n in targets),  # a str is matched in full by peft
+                        init_lora_weights=True)
+    module.requires_grad_(False)
+    rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+    with rng:
+        if seed is not None:
+            torch.manual_seed(seed)
+        inject_adapter_in_model(config, module, adapter_name=ADAPTER)
+    for layer in module.modules():
+        if isinstance(layer, LoraLayer):
+            # the caller runs the model under autocast, so the fp32 LoRA weights meet bf16/fp16
+            # activations there; peft's own cast to fp32 would copy every activation once more
+            layer.cast_input_dtype_enabled = False
+    params = []
+    for name, p in module.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+            params.append(p)
+    return params
+
+
+def lora_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`<module>.lora_A.weight` / `<module>.lora_B.weight` for every injected layer."""
+    return get_peft_model_state_dict(module, adapter_name=ADAPTER)
+
+
+def load_lora_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    result = set_peft_model_state_dict(module, state, adapter_name=ADAPTER)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"LoRA file has {len(unexpected)} keys this model does not have, e.g. {unexpected[:3]}")
+
+
+def lora_alphas(module: torch.nn.Module) -> dict[str, float]:
+    """Module name -> alpha for every injected layer."""
+    return {name: layer.lora_alpha[ADAPTER] for name, layer in module.named_modules()
+            if isinstance(layer, LoraLayer) and ADAPTER in layer.lora_A}
+
+
+@contextlib.contextmanager
+def lora_scale(module: torch.nn.Module, multiplier: float):
+    """Temporarily scale every LoRA's contribution (sample.network_multiplier)."""
+    layers = [m for m in module.modules() if isinstance(m, LoraLayer) and ADAPTER in m.scaling]
+    saved = [m.scaling[ADAPTER] for m in layers]
+    for m in layers:
+        m.scaling[ADAPTER] *= multiplier
+    try:
+        yield
+    finally:
+        for m, s in zip(layers, saved):
+            m.scaling[ADAPTER] = s

@@ -1,0 +1,66 @@
+"""The contract between the shared engine and one architecture module.
+
+The engine (data, loop, saving, sampling) only talks to a model through this interface; it never
+names an architecture. An architecture wraps diffusers/transformers classes; it does not re-implement them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from PIL import Image
+
+
+@dataclass
+class SampleRequest:
+    text: dict[str, torch.Tensor]  # encode_prompts() output for one prompt (batch dim 1)
+    neg_text: dict[str, torch.Tensor] | None
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+
+
+class Architecture(Protocol):
+    """One model family. Constructed as `Cls(process_config, device, dtype)`, then `load()`."""
+
+    # kohya/ai-toolkit `ss_base_model_version`, written into saved files
+    base_model_version: str
+    # image sides must be multiples of this (VAE downscale x patch size)
+    bucket_divisibility: int
+    # identify the VAE / text encoders so caches are invalidated when they change
+    latent_fingerprint: str
+    text_fingerprint: str
+    # the module that is trained (transformer or UNet)
+    denoiser: torch.nn.Module
+
+    def load(self) -> None: ...
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B,3,H,W] in [-1,1] -> latents [B,C,h,w] as the denoiser sees them (scaled/shifted)."""
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Text conditioning, every value with batch dim first. Cached to disk as-is."""
+
+    def drop_text_encoders(self) -> None:
+        """Free the text encoders once every needed embedding is cached."""
+
+    def drop_vae_encoder(self) -> None:
+        """Move the VAE off the training device once every latent is cached."""
+
+    def training_loss(self, latents: torch.Tensor, text: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """Noise the latents with the arch's objective, predict, return the per-sample loss [B]."""
+
+    def lora_targets(self, transformer_only: bool) -> list[str]:
+        """Names of the Linear modules of `denoiser` that get a LoRA by default."""
+
+    def lora_to_file(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """peft-named LoRA tensors of `denoiser` -> the key layout written to disk."""
+
+    def lora_from_file(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Inverse of lora_to_file."""
+
+    def generate(self, request: SampleRequest) -> Image.Image:
+        """One preview image with the weights as they are now."""

@@ -1,0 +1,160 @@
+"""FLUX.1 (dev, schnell) and Flex.1 on diffusers' FluxTransformer2DModel: flow matching on 2x2-packed
+16-channel latents, CLIP-L pooled + T5 text conditioning, optional guidance embedding."""
+from __future__ import annotations
+
+import types
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+from ..objectives import flow
+from .base import SampleRequest
+from .common import folder_fingerprint, read_json, require_diffusers_folder
+
+COMPONENTS = ["transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"]
+BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
+FILE_PREFIX = "transformer."  # diffusers' Flux LoRA layout, which ComfyUI's Flux loader also maps
+
+
+def _time_text_embed_without_guidance(self, timestep, guidance, pooled_projection):
+    # Flex.1 is trained with its guidance embedder bypassed: timestep + pooled text only
+    t = self.time_proj(timestep)
+    temb = self.timestep_embedder(t.to(dtype=pooled_projection.dtype))
+    return temb + self.text_embedder(pooled_projection)
+
+
+class Flux:
+    base_model_version = "flux.1"
+
+    def __init__(self, proc, device: torch.device, dtype: torch.dtype):
+        self.model_cfg, self.train_cfg = proc.model, proc.train
+        self.device, self.dtype = device, dtype
+        self.max_sequence_length = int(self.model_cfg.model_kwargs.get("max_text_length", 512))
+        if self.train_cfg.timestep_type not in flow.TIMESTEP_TYPES:
+            raise ValueError(f"train.timestep_type '{self.train_cfg.timestep_type}' is not supported yet for flux "
+                             f"(supported: {', '.join(flow.TIMESTEP_TYPES)})")
+
+    # ---- loading -------------------------------------------------------------------------------
+    def load(self) -> None:
+        root = require_diffusers_folder(self.model_cfg.name_or_path, COMPONENTS)
+        load = dict(torch_dtype=self.dtype, local_files_only=True)
+        vae_dtype = self.vae_dtype()
+        self.transformer = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", **load)
+        self.vae = AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True, torch_dtype=vae_dtype)
+        self.text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **load)
+        self.text_encoder_2 = T5EncoderModel.from_pretrained(root, subfolder="text_encoder_2", **load)
+        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+        tokenizer_2 = AutoTokenizer.from_pretrained(root / "tokenizer_2", local_files_only=True)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
+        for m in (self.transformer, self.vae, self.text_encoder, self.text_encoder_2):
+            m.requires_grad_(False).eval()
+        self.transformer.to(self.device)
+        self.vae.to(self.device)
+        self.text_encoder.to(self.device)
+        self.text_encoder_2.to(self.device)
+        if self.train_cfg.bypass_guidance_embedding and self.transformer.config.guidance_embeds:
+            tte = self.transformer.time_text_embed
+            tte.forward = types.MethodType(_time_text_embed_without_guidance, tte)
+        # The sampling pipeline shares these very modules, so previews use the in-training weights.
+        self.pipe = FluxPipeline(scheduler=scheduler, vae=self.vae, text_encoder=self.text_encoder, tokenizer=tokenizer,
+                                 text_encoder_2=self.text_encoder_2, tokenizer_2=tokenizer_2, transformer=self.transformer)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.bucket_divisibility = self.vae_scale_factor * 2
+        sched = scheduler.config
+        self.shift = flow.FlowShift(shift=sched.shift, dynamic=bool(sched.use_dynamic_shifting),
+                                    base_seq_len=sched.base_image_seq_len, max_seq_len=sched.max_image_seq_len,
+                                    base_shift=sched.base_shift, max_shift=sched.max_shift)
+        self.latent_fingerprint = folder_fingerprint(root / "vae", extra=f"flux:{vae_dtype}")
+        self.text_fingerprint = folder_fingerprint(root / "text_encoder", root / "text_encoder_2", root / "tokenizer",
+                                                   root / "tokenizer_2", extra=f"flux:{self.max_sequence_length}:{self.dtype}")
+        self.denoiser = self.transformer
+
+    def vae_dtype(self) -> torch.dtype:
+        name = self.model_cfg.vae_dtype
+        return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+                "fp32": torch.float32, "float32": torch.float32}[name] if name else self.dtype
+
+    def drop_text_encoders(self) -> None:
+        for name in ("text_encoder", "text_encoder_2"):
+            setattr(self.pipe, name, None)
+            setattr(self, name, None)
+
+    def drop_vae_encoder(self) -> None:
+        self.vae.to("cpu")
+
+    # ---- conditioning --------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        embeds, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device,
+                                                    max_sequence_length=self.max_sequence_length)
+        return {"prompt_embeds": embeds.to(self.dtype), "pooled_prompt_embeds": pooled.to(self.dtype)}
+
+    # ---- training ------------------------------------------------------------------------------
+    def training_loss(self, latents, text, generator):
+        tc = self.train_cfg
+        b, c, h, w = latents.shape
+        latents = latents.to(self.device, self.dtype)
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        u = flow.uniform_quantiles(b, generator=generator, content_or_style=tc.content_or_style,
+                                   min_step=tc.min_denoising_steps, max_step=tc.max_denoising_steps,
+                                   num_steps=tc.num_train_timesteps)
+        sigma = flow.sample_sigmas(tc.timestep_type, u, shift=self.shift, seq_len=(h // 2) * (w // 2))
+        noisy = flow.noise_latents(latents, noise, sigma)
+        pred = self.predict(noisy, sigma, text)
+        return flow.per_sample_mse(pred, flow.velocity_target(latents, noise)) * flow.timestep_weights(tc.timestep_type, sigma)
+
+    def predict(self, noisy: torch.Tensor, sigma: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
+        b, c, h, w = noisy.shape
+        embeds = text["prompt_embeds"].to(self.device, self.dtype)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((b,), float(self.train_cfg.cfg_scale), device=self.device, dtype=torch.float32)
+        out = self.transformer(
+            hidden_states=FluxPipeline._pack_latents(noisy, b, c, h, w),
+            encoder_hidden_states=embeds,
+            pooled_projections=text["pooled_prompt_embeds"].to(self.device, self.dtype),
+            timestep=sigma.to(self.dtype),
+            img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, self.device, self.dtype),
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=self.device, dtype=self.dtype),
+            guidance=guidance,
+            return_dict=False,
+        )[0]
+        return FluxPipeline._unpack_latents(out, h * self.vae_scale_factor, w * self.vae_scale_factor, self.vae_scale_factor)
+
+    # ---- LoRA ----------------------------------------------------------------------------------
+    def lora_targets(self, transformer_only: bool) -> list[str]:
+        names = [n for n, m in self.transformer.named_modules() if isinstance(m, torch.nn.Linear)]
+        return [n for n in names if n.startswith(BLOCKS)] if transformer_only else names
+
+    def lora_to_file(self, state):
+        return {FILE_PREFIX + k: v for k, v in state.items()}
+
+    def lora_from_file(self, state):
+        bad = [k for k in state if not k.startswith(FILE_PREFIX)]
+        if bad:
+            raise ValueError(f"not a diffusers-layout Flux LoRA (key '{bad[0]}' lacks the '{FILE_PREFIX}' prefix)")
+        return {k[len(FILE_PREFIX):]: v for k, v in state.items()}
+
+    # ---- previews ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, request: SampleRequest):
+        home = self.vae.device
+        self.vae.to(self.device)
+        try:
+            return self.pipe(
+                prompt_embeds=request.text["prompt_embeds"].to(self.device, self.dtype),
+                pooled_prompt_embeds=request.text["pooled_prompt_embeds"].to(self.device, self.dtype),
+                width=request.width, height=request.height, num_inference_steps=request.steps,
+                guidance_scale=request.guidance_scale, max_sequence_length=self.max_sequence_length,
+                generator=torch.Generator(self.device).manual_seed(request.seed),
+            ).images[0]
+        finally:
+            self.vae.to(home)

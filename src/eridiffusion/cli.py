@@ -1,0 +1,47 @@
+"""`trainer CONFIG`: load and validate the config, then train each process in it."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import yaml
+
+from . import __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="trainer", description="Train a diffusion-model LoRA from an ai-toolkit style config.")
+    parser.add_argument("config", nargs="+", help="config file, or a name looked up in ./config/ (.yaml/.yml/.json)")
+    parser.add_argument("-n", "--name", help="replaces config.name and every [name] in the config")
+    parser.add_argument("--version", action="version", version=f"eridiffusion {__version__}")
+    args = parser.parse_args(argv)
+    try:
+        for arg in args.config:
+            run_job(arg, args.name)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a clear one-line message; ERI_DEBUG=1 shows the traceback
+        if os.environ.get("ERI_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_job(arg: str, name: str | None) -> None:
+    from .config import load_config, resolved_dict
+    from .train.loop import Run
+
+    job = load_config(arg, name_override=name)
+    for proc in job.config.process:
+        run = Run(proc, job.meta)
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved_dict(job), sort_keys=False))
+        out = run.train()
+        print(f"{proc.name}: finished at step {run.step}; LoRA: {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,2 @@
+"""Training objectives: timestep sampling, noising, targets and loss weights, as small pure functions
+shared by every architecture."""

@@ -1,0 +1,264 @@
+"""The training run: set up from a validated process config, then one readable loop."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .. import __version__
+from ..adapters import LoraSpec, inject_lora, load_lora_state, lora_scale, lora_state, select_linear_modules
+from ..adapters.lora import lora_alphas
+from ..archs import get_arch_class
+from ..data import DataPipeline, LatentCache, TextCache
+from ..sample import Previewer
+from . import checkpoint as ckpt
+from .optim import build_optimizer, build_scheduler
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def resolve_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device '{name}': CUDA is not available on this machine (set `device: cpu` to train on the CPU)")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise RuntimeError(f"device '{name}': this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise RuntimeError(f"device '{name}' is not supported yet (use cpu or cuda:N)")
+    return device
+
+
+def run_folder(proc) -> Path:
+    name = proc.name
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise ValueError(f"config.name '{name}' cannot be used as a folder name inside training_folder")
+    return Path(proc.training_folder).expanduser() / name
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    state = {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
+             "numpy": np.random.get_state()[1].tolist(), "numpy_pos": int(np.random.get_state()[2]),
+             "torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Run:
+    """Everything one training run holds; `train()` is the loop."""
+
+    def __init__(self, proc, meta: dict):
+        self.proc, self.meta = proc, meta
+        tc = proc.train
+        self.run_dir = run_folder(proc)
+        self.device = resolve_device(proc.device)
+        self.dtype = DTYPES[tc.dtype]
+        self.seed = proc.training_seed if proc.training_seed is not None else random.SystemRandom().randrange(2**31)
+        random.seed(self.seed), np.random.seed(self.seed % 2**32), torch.manual_seed(self.seed)
+        self.generator = torch.Generator(self.device).manual_seed(self.seed)
+
+        self.arch = get_arch_class(proc.model.arch_name)(proc, self.device, self.dtype)
+        self.arch.load()
+        self.data = DataPipeline(proc.datasets, process_trigger=proc.trigger_word,
+                                 divisibility=self.arch.bucket_divisibility, batch_size=tc.batch_size, seed=self.seed)
+        self._prepare_caches()
+        sampling = proc.sample is not None and not tc.disable_sampling and proc.sample.samples
+        self.previewer = Previewer(proc.sample, self.arch, self.run_dir, proc.trigger_word) if sampling else None
+        if self.data.text_cached:
+            self.arch.drop_text_encoders()
+        if self.data.latents_cached:
+            self.arch.drop_vae_encoder()
+
+        net = proc.network
+        if net is None or net.type != "lora":
+            raise ValueError("only `network: {type: lora}` is supported yet (full fine-tuning and other adapters are not)")
+        self.spec = LoraSpec(rank=net.linear, alpha=net.linear_alpha, dropout=net.dropout or 0.0)
+        kw = net.network_kwargs
+        targets = select_linear_modules(self.arch.denoiser, self.arch.lora_targets(net.transformer_only),
+                                        only_if_contains=kw.only_if_contains, ignore_if_contains=kw.ignore_if_contains)
+        self.params = inject_lora(self.arch.denoiser, targets, self.spec, seed=self.seed)
+        if tc.gradient_checkpointing:
+            self.arch.denoiser.enable_gradient_checkpointing()
+        self.arch.denoiser.train()
+        self.optimizer = build_optimizer(tc.optimizer, self.params, tc.unet_lr or tc.lr, tc.optimizer_params)
+        self.scheduler = build_scheduler(tc.lr_scheduler, self.optimizer, tc.lr_scheduler_params, tc.steps)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.ema = None
+        if tc.ema_config.use_ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.params, decay=tc.ema_config.ema_decay, foreach=True)
+        self.step, self.nan_steps = 0, 0
+
+    def _prepare_caches(self) -> None:
+        datasets = self.proc.datasets
+        if any(d.cache_latents or d.cache_latents_to_disk for d in datasets):
+            to_disk = any(d.cache_latents_to_disk for d in datasets)
+            self.data.attach_latent_cache(LatentCache(self.arch.encode_images, self.arch.latent_fingerprint, to_disk=to_disk),
+                                          device=self.device, dtype=self.arch.vae.dtype)
+        if self.proc.train.cache_text_embeddings or any(d.cache_text_embeddings for d in datasets):
+            self.data.attach_text_cache(TextCache(self.arch.encode_prompts, self.arch.text_fingerprint))
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def train(self) -> Path:
+        tc, save_cfg, sample_cfg = self.proc.train, self.proc.save, self.proc.sample
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resumed = self.resume()
+        log = open(self.run_dir / "log.jsonl", "a")
+        if self.previewer and (tc.force_first_sample or (not resumed and not tc.skip_first_sample)):
+            self.sample()
+        bar = tqdm(total=tc.steps, initial=self.step, desc=self.proc.name, dynamic_ncols=True)
+        smooth = None
+        while self.step < tc.steps:
+            loss = self.train_step([self.data.next_batch() for _ in range(tc.gradient_accumulation)])
+            self.step += 1
+            lr = self.scheduler.get_last_lr()[0]
+            if math.isfinite(loss):
+                smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
+            log.write(json.dumps({"step": self.step, "loss": loss, "lr": lr, "time": round(time.time(), 3)}) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{smooth:.4f}" if smooth is not None else "nan", lr=f"{lr:.2e}")
+            bar.update(1)
+            last = self.step == tc.steps
+            if last or self.step % save_cfg.save_every == 0:
+                self.save(final=last)
+            if self.previewer and (last or (self.step % sample_cfg.sample_every == 0 and self.step >= sample_cfg.sample_start_step)):
+                self.sample()
+        bar.close()
+        log.close()
+        return self.run_dir / f"{self.proc.name}.safetensors"
+
+    def autocast(self):
+        # frozen weights are stored in the compute dtype, LoRA weights in fp32: autocast meets them halfway
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def train_step(self, batches) -> float:
+        total = 0.0
+        for batch in batches:
+            text = batch.text if batch.text is not None else self.arch.encode_prompts(batch.captions)
+            latents = batch.latents if batch.latents is not None else self.arch.encode_images(batch.pixels)
+            with self.autocast():
+                per_sample = self.arch.training_loss(latents, text, self.generator)
+            loss = (per_sample * batch.loss_weights.to(per_sample.device)).mean() / len(batches)
+            self.scaler.scale(loss).backward()
+            total += loss.item()
+        if not math.isfinite(total):  # never apply a NaN/inf update
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nan_steps += 1
+            self.scheduler.step()
+            return total
+        self.scaler.unscale_(self.optimizer)
+        if self.proc.train.max_grad_norm and self.proc.train.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.proc.train.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.params)
+        return total
+
+    # ---- samples, saves, resume ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Samples and saved files use the EMA weights when EMA is on."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.params)
+
+    def sample(self) -> None:
+        self.arch.denoiser.eval()
+        with self.ema_weights(), self.autocast():
+            self.previewer.render(self.step, lambda m: lora_scale(self.arch.denoiser, m))
+        self.arch.denoiser.train()
+
+    def lora_file_tensors(self) -> dict[str, torch.Tensor]:
+        dtype = SAVE_DTYPES[self.proc.save.dtype]
+        state = {k: v.to(dtype) for k, v in lora_state(self.arch.denoiser).items()}
+        for module, alpha in lora_alphas(self.arch.denoiser).items():
+            state[f"{module}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+        return self.arch.lora_to_file(state)
+
+    def metadata(self) -> dict[str, str]:
+        net, proc = self.proc.network, self.proc
+        meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.meta.items()}
+        meta.update({
+            "format": "pt",
+            "training_info": json.dumps({"step": self.step, "epoch": self.data.epoch}),
+            "ss_base_model_version": self.arch.base_model_version,
+            "ss_output_name": proc.name,
+            "ss_network_module": "lora",
+            "ss_network_dim": str(net.linear), "ss_network_alpha": str(net.linear_alpha),
+            "ss_sd_model_name": Path(proc.model.name_or_path).name,
+            "eri_arch": proc.model.arch_name, "eri_network_type": net.type,
+            "software": json.dumps({"name": "eridiffusion", "version": __version__}),
+        })
+        if proc.trigger_word:
+            meta["trigger_word"] = proc.trigger_word
+            meta["ss_tag_frequency"] = json.dumps({f"1_{proc.trigger_word}": {proc.trigger_word: 1}})
+        return meta
+
+    def identity(self) -> dict:
+        """What must match for a checkpoint to be resumable."""
+        net = self.proc.network
+        return {"arch": self.proc.model.arch_name, "network": net.type, "rank": net.linear, "alpha": float(net.linear_alpha),
+                "n_params": len(self.params)}
+
+    def save(self, final: bool) -> None:
+        name = self.proc.name
+        with self.ema_weights():
+            tensors = self.lora_file_tensors()
+        path = self.run_dir / f"{name}.safetensors" if final else ckpt.step_file(self.run_dir, name, self.step)
+        ckpt.save_safetensors(path, tensors, self.metadata())
+        ckpt.save_state(self.run_dir, self.step, {
+            "identity": self.identity(), "step": self.step, "seed": self.seed,
+            "lora": {k: v.detach().cpu() for k, v in lora_state(self.arch.denoiser).items()},
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+            "rng": rng_state(self.generator), "data": self.data.state_dict(), "nan_steps": self.nan_steps,
+        })
+        ckpt.prune(self.run_dir, name, self.proc.save.max_step_saves_to_keep)
+
+    def resume(self) -> bool:
+        path = ckpt.latest_state(self.run_dir)
+        if path is None:
+            return False
+        state = ckpt.load_state(path)
+        if state["identity"] != self.identity():
+            raise RuntimeError(f"{path} was written by a run with {state['identity']}, but this config gives "
+                               f"{self.identity()}: use another config.name or training_folder, or delete {self.run_dir}")
+        load_lora_state(self.arch.denoiser, state["lora"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        set_rng_state(state["rng"], self.generator)
+        self.data.load_state_dict(state["data"])
+        self.step, self.nan_steps, self.seed = state["step"], state["nan_steps"], state["seed"]
+        print(f"Resuming {self.proc.name} from step {self.step} ({path})")
+        return True

@@ -1,0 +1,56 @@
+"""Optimizers and learning-rate schedules by ai-toolkit's names, built on torch, bitsandbytes,
+transformers and diffusers implementations."""
+from __future__ import annotations
+
+import torch
+
+SCHEDULER_PARAMS = {"num_warmup_steps", "warmup_steps", "num_cycles", "power"}
+
+
+def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, extra: dict) -> torch.optim.Optimizer:
+    name = name.lower()
+    on_cuda = params[0].is_cuda
+    if name in ("adamw", "adam"):
+        cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+        kw = {"eps": 1e-6, **extra}  # ai-toolkit's eps for its torch Adam/AdamW
+        if on_cuda and "foreach" not in kw:
+            kw.setdefault("fused", True)
+        return cls(params, lr=lr, **kw)
+    if name in ("adamw8bit", "adam8bit"):
+        if not on_cuda:
+            raise RuntimeError(f"train.optimizer '{name}' needs bitsandbytes on a CUDA GPU; on this device use 'adamw'")
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise RuntimeError(f"train.optimizer '{name}' needs bitsandbytes: pip install bitsandbytes") from e
+        cls = bnb.optim.AdamW8bit if name == "adamw8bit" else bnb.optim.Adam8bit
+        return cls(params, lr=lr, **extra)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, **extra)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        kw = {"relative_step": False, "scale_parameter": False, "warmup_init": False, **extra}
+        return Adafactor(params, lr=lr, **kw)
+    if name in ("prodigy", "prodigyopt"):
+        try:
+            from prodigyopt import Prodigy
+        except ImportError as e:
+            raise RuntimeError("train.optimizer 'prodigy' needs the prodigyopt package: pip install prodigyopt") from e
+        return Prodigy(params, lr=lr if lr >= 0.1 else 1.0, **extra)
+    raise ValueError(f"train.optimizer '{name}' is not supported yet (adamw, adam, adamw8bit, adam8bit, sgd, adafactor, prodigy)")
+
+
+def build_scheduler(name: str, optimizer: torch.optim.Optimizer, params: dict, total_steps: int):
+    """`lr_scheduler` + `lr_scheduler_params` -> a diffusers LambdaLR, stepped once per optimizer step."""
+    from diffusers.optimization import SchedulerType, get_scheduler
+
+    unknown = set(params) - SCHEDULER_PARAMS
+    if unknown:
+        raise ValueError(f"train.lr_scheduler_params: unknown key(s) {sorted(unknown)} (known: {sorted(SCHEDULER_PARAMS)})")
+    names = {s.value for s in SchedulerType}
+    if name not in names:
+        raise ValueError(f"train.lr_scheduler '{name}' is not supported yet (supported: {', '.join(sorted(names))})")
+    warmup = int(params["num_warmup_steps"] if "num_warmup_steps" in params else params.get("warmup_steps", 0))
+    kw = {k: params[k] for k in ("num_cycles", "power") if k in params}
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps, **kw)
