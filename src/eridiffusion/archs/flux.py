@@ -40,36 +40,40 @@ class Flux:
         root = require_diffusers_folder(self.model_cfg.name_or_path, COMPONENTS)
         load = dict(torch_dtype=self.dtype, local_files_only=True)
         vae_dtype = self.vae_dtype()
-        self.transformer = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", **load)
-        self.vae = AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True, torch_dtype=vae_dtype)
-        self.text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **load)
-        self.text_encoder_2 = T5EncoderModel.from_pretrained(root, subfolder="text_encoder_2", **load)
-        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
-        tokenizer_2 = AutoTokenizer.from_pretrained(root / "tokenizer_2", local_files_only=True)
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
-        for m in (self.transformer, self.vae, self.text_encoder, self.text_encoder_2):
-            m.requires_grad_(False).eval()
-        self.transformer.to(self.device)
-        self.vae.to(self.device)
-        self.text_encoder.to(self.device)
-        self.text_encoder_2.to(self.device)
-        if self.train_cfg.bypass_guidance_embedding and self.transformer.config.guidance_embeds:
-            tte = self.transformer.time_text_embed
+        self.attach(
+            transformer=FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", **load),
+            vae=AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True, torch_dtype=vae_dtype),
+            text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **load),
+            text_encoder_2=T5EncoderModel.from_pretrained(root, subfolder="text_encoder_2", **load),
+            tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True),
+            tokenizer_2=AutoTokenizer.from_pretrained(root / "tokenizer_2", local_files_only=True),
+            scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True),
+        )
+        self.latent_fingerprint = folder_fingerprint(root / "vae", extra=f"flux:{vae_dtype}")
+        self.text_fingerprint = folder_fingerprint(root / "text_encoder", root / "text_encoder_2", root / "tokenizer",
+                                                   root / "tokenizer_2", extra=f"flux:{self.max_sequence_length}:{self.dtype}")
+
+    def attach(self, *, transformer, scheduler, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+               tokenizer_2=None) -> None:
+        """Take loaded components (from `load()`, or built in memory by a benchmark) and place them."""
+        self.transformer, self.vae, self.text_encoder, self.text_encoder_2 = transformer, vae, text_encoder, text_encoder_2
+        for m in (transformer, vae, text_encoder, text_encoder_2):
+            if m is not None:
+                m.requires_grad_(False).eval().to(self.device)
+        if self.train_cfg.bypass_guidance_embedding and transformer.config.guidance_embeds:
+            tte = transformer.time_text_embed
             tte.forward = types.MethodType(_time_text_embed_without_guidance, tte)
         # The sampling pipeline shares these very modules, so previews use the in-training weights.
-        self.pipe = FluxPipeline(scheduler=scheduler, vae=self.vae, text_encoder=self.text_encoder, tokenizer=tokenizer,
-                                 text_encoder_2=self.text_encoder_2, tokenizer_2=tokenizer_2, transformer=self.transformer)
+        self.pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                 text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
         self.pipe.set_progress_bar_config(disable=True)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.bucket_divisibility = self.vae_scale_factor * 2
         sched = scheduler.config
         self.shift = flow.FlowShift(shift=sched.shift, dynamic=bool(sched.use_dynamic_shifting),
                                     base_seq_len=sched.base_image_seq_len, max_seq_len=sched.max_image_seq_len,
                                     base_shift=sched.base_shift, max_shift=sched.max_shift)
-        self.latent_fingerprint = folder_fingerprint(root / "vae", extra=f"flux:{vae_dtype}")
-        self.text_fingerprint = folder_fingerprint(root / "text_encoder", root / "text_encoder_2", root / "tokenizer",
-                                                   root / "tokenizer_2", extra=f"flux:{self.max_sequence_length}:{self.dtype}")
-        self.denoiser = self.transformer
+        self.denoiser = transformer
 
     def vae_dtype(self) -> torch.dtype:
         name = self.model_cfg.vae_dtype

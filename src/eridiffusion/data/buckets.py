@@ -10,17 +10,18 @@ from PIL import Image
 
 
 def bucket_for(width: int, height: int, resolution: int, divisibility: int) -> tuple[int, int]:
-    """(bucket_w, bucket_h): sides multiples of `divisibility`, area within min(w*h, resolution**2) so an
-    image is never upscaled (except to give each side at least `divisibility`), aspect as close as
-    possible to the image's; among equally close candidates the larger one wins."""
+    """(bucket_w, bucket_h): sides multiples of `divisibility` (at least one step), area within
+    min(w*h, resolution**2) so an image is never upscaled (except to reach `divisibility`).
+    Candidates: each side of the ideal size rounded down or up, and the largest fit for each; the one
+    closest in aspect wins, then the larger. So it never does worse than flooring both sides
+    (ai-toolkit), in area or in aspect."""
     d = divisibility
     budget = min(width * height, resolution * resolution)
     s = math.sqrt(budget / (width * height))
     ws, hs = [{max(d, math.floor(x * s / d) * d), max(d, math.ceil(x * s / d) * d)} for x in (width, height)]
-    floor_w, floor_h = min(ws), min(hs)
-    limit = max(budget, floor_w * floor_h)  # only exceeded when a side had to be raised to `d`
+    limit = max(budget, d * d)
     candidates = {(w, h) for w in ws for h in hs}
-    candidates |= {(w, max(d, limit // w // d * d)) for w in ws}  # widest fit for that height, and so on
+    candidates |= {(w, max(d, limit // w // d * d)) for w in ws}
     candidates |= {(max(d, limit // h // d * d), h) for h in hs}
     aspect = math.log(width / height)
     fits = [(w, h) for w, h in candidates if w * h <= limit and w <= max(width, d) and h <= max(height, d)]

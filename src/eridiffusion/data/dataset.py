@@ -8,7 +8,7 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
@@ -64,9 +64,10 @@ class Item:
 
 def scan_images(folder: Path) -> list[Path]:
     """Image files under `folder`, recursively, sorted; hidden and `_`-prefixed (cache) folders skipped."""
-    found = []
+    found, seen = [], set()
     for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith((".", "_"))]
+        seen.add(os.path.realpath(root))  # a symlink back to an ancestor must not loop forever
+        dirs[:] = [d for d in dirs if not d.startswith((".", "_")) and os.path.realpath(Path(root, d)) not in seen]
         found += [Path(root, f) for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_EXTS)]
     return sorted(found)
 
@@ -164,11 +165,6 @@ class Batch:
     loss_weights: torch.Tensor  # [B]
 
 
-def _stack(dicts: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    dicts = list(dicts)
-    return {key: torch.stack([d[key] for d in dicts]) for key in dicts[0]}
-
-
 def load_batch(items: Sequence[Item], *, rng: random.Random, latent_cache: LatentCache | None = None,
                text_cache: TextCache | None = None) -> Batch:
     """Tensors for one batch. Cached latents replace pixels when every item has one; with a text cache
@@ -182,7 +178,7 @@ def load_batch(items: Sequence[Item], *, rng: random.Random, latent_cache: Laten
         pixels, latents, crops = torch.stack([p for p, _ in loaded]), None, [c for _, c in loaded]
     if text_cache is not None:
         captions, embeds = zip(*(text_cache.get(item, rng) for item in items))
-        captions, text = list(captions), _stack(embeds)
+        captions, text = list(captions), {key: torch.stack([e[key] for e in embeds]) for key in embeds[0]}
     else:
         captions, text = [item.processed_caption(rng) for item in items], None
     return Batch(pixels=pixels, latents=latents, captions=captions, text=text,

@@ -40,7 +40,8 @@ def image_size(path: str | Path, *, verify: bool = False) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             w, h = img.size
-            if img.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):  # the four that rotate by 90°
+            # the base-class getexif reads header metadata only; PNG's own would decode the whole image
+            if Image.Image.getexif(img).get(_EXIF_ORIENTATION) in (5, 6, 7, 8):  # the four that turn by 90°
                 w, h = h, w
             if verify and img.format == "PNG":
                 img.verify()

@@ -16,7 +16,7 @@ from .. import __version__
 from ..adapters import LoraSpec, inject_lora, load_lora_state, lora_scale, lora_state, select_linear_modules
 from ..adapters.lora import lora_alphas
 from ..archs import get_arch_class
-from ..data import DataPipeline, LatentCache, TextCache
+from ..data import DataPipeline
 from ..sample import Previewer
 from . import checkpoint as ckpt
 from .optim import build_optimizer, build_scheduler
@@ -62,6 +62,47 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class Stepper:
+    """One optimizer step over one or more (accumulated) batches; shared by the run and the benchmarks."""
+
+    def __init__(self, arch, params, optimizer, scheduler, *, dtype, max_grad_norm, generator, ema=None):
+        self.arch, self.params, self.optimizer, self.scheduler = arch, params, optimizer, scheduler
+        self.dtype, self.max_grad_norm, self.generator, self.ema = dtype, max_grad_norm, generator, ema
+        self.device_type = generator.device.type
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=dtype == torch.float16)
+        self.nan_steps = 0
+
+    def autocast(self):
+        # frozen weights are stored in the compute dtype, LoRA weights in fp32: autocast meets them halfway
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def step(self, batches) -> float:
+        total = 0.0
+        for batch in batches:
+            text = batch.text if batch.text is not None else self.arch.encode_prompts(batch.captions)
+            latents = batch.latents if batch.latents is not None else self.arch.encode_images(batch.pixels)
+            with self.autocast():
+                per_sample = self.arch.training_loss(latents, text, self.generator)
+            loss = (per_sample * batch.loss_weights.to(per_sample.device)).mean() / len(batches)
+            self.scaler.scale(loss).backward()
+            total += loss.item()
+        if not math.isfinite(total):  # never apply a NaN/inf update
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nan_steps += 1
+            self.scheduler.step()
+            return total
+        self.scaler.unscale_(self.optimizer)
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.params)
+        return total
+
+
 class Run:
     """Everything one training run holds; `train()` is the loop."""
 
@@ -71,7 +112,13 @@ class Run:
         self.run_dir = run_folder(proc)
         self.device = resolve_device(proc.device)
         self.dtype = DTYPES[tc.dtype]
-        self.seed = proc.training_seed if proc.training_seed is not None else random.SystemRandom().randrange(2**31)
+        state_path = ckpt.latest_state(self.run_dir)
+        self.resume_state = ckpt.load_state(state_path) if state_path else None
+        self.resume_path = state_path
+        if self.resume_state is not None:  # the data order and noise continue from the seed the run started with
+            self.seed = self.resume_state["seed"]
+        else:
+            self.seed = proc.training_seed if proc.training_seed is not None else random.SystemRandom().randrange(2**31)
         random.seed(self.seed), np.random.seed(self.seed % 2**32), torch.manual_seed(self.seed)
         self.generator = torch.Generator(self.device).manual_seed(self.seed)
 
@@ -82,9 +129,9 @@ class Run:
         self._prepare_caches()
         sampling = proc.sample is not None and not tc.disable_sampling and proc.sample.samples
         self.previewer = Previewer(proc.sample, self.arch, self.run_dir, proc.trigger_word) if sampling else None
-        if self.data.text_cached:
+        if self.data.text_cache is not None:
             self.arch.drop_text_encoders()
-        if self.data.latents_cached:
+        if self.data.latent_cache is not None:
             self.arch.drop_vae_encoder()
 
         net = proc.network
@@ -100,22 +147,20 @@ class Run:
         self.arch.denoiser.train()
         self.optimizer = build_optimizer(tc.optimizer, self.params, tc.unet_lr or tc.lr, tc.optimizer_params)
         self.scheduler = build_scheduler(tc.lr_scheduler, self.optimizer, tc.lr_scheduler_params, tc.steps)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.ema = None
         if tc.ema_config.use_ema:
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(self.params, decay=tc.ema_config.ema_decay, foreach=True)
-        self.step, self.nan_steps = 0, 0
+        self.stepper = Stepper(self.arch, self.params, self.optimizer, self.scheduler, dtype=self.dtype,
+                               max_grad_norm=tc.max_grad_norm, generator=self.generator, ema=self.ema)
+        self.step = 0
 
     def _prepare_caches(self) -> None:
-        datasets = self.proc.datasets
-        if any(d.cache_latents or d.cache_latents_to_disk for d in datasets):
-            to_disk = any(d.cache_latents_to_disk for d in datasets)
-            self.data.attach_latent_cache(LatentCache(self.arch.encode_images, self.arch.latent_fingerprint, to_disk=to_disk),
-                                          device=self.device, dtype=self.arch.vae.dtype)
-        if self.proc.train.cache_text_embeddings or any(d.cache_text_embeddings for d in datasets):
-            self.data.attach_text_cache(TextCache(self.arch.encode_prompts, self.arch.text_fingerprint))
+        """Latents and text embeddings cached when the datasets ask for it (the data side decides)."""
+        self.data.attach_latent_cache(self.arch.encode_images, self.arch.latent_fingerprint,
+                                      device=self.device, dtype=self.dtype)
+        self.data.attach_text_cache(self.arch.encode_prompts, self.arch.text_fingerprint)
 
     # ---- the loop ------------------------------------------------------------------------------
     def train(self) -> Path:
@@ -128,7 +173,7 @@ class Run:
         bar = tqdm(total=tc.steps, initial=self.step, desc=self.proc.name, dynamic_ncols=True)
         smooth = None
         while self.step < tc.steps:
-            loss = self.train_step([self.data.next_batch() for _ in range(tc.gradient_accumulation)])
+            loss = self.stepper.step([self.data.next_batch() for _ in range(tc.gradient_accumulation)])
             self.step += 1
             lr = self.scheduler.get_last_lr()[0]
             if math.isfinite(loss):
@@ -146,36 +191,6 @@ class Run:
         log.close()
         return self.run_dir / f"{self.proc.name}.safetensors"
 
-    def autocast(self):
-        # frozen weights are stored in the compute dtype, LoRA weights in fp32: autocast meets them halfway
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
-
-    def train_step(self, batches) -> float:
-        total = 0.0
-        for batch in batches:
-            text = batch.text if batch.text is not None else self.arch.encode_prompts(batch.captions)
-            latents = batch.latents if batch.latents is not None else self.arch.encode_images(batch.pixels)
-            with self.autocast():
-                per_sample = self.arch.training_loss(latents, text, self.generator)
-            loss = (per_sample * batch.loss_weights.to(per_sample.device)).mean() / len(batches)
-            self.scaler.scale(loss).backward()
-            total += loss.item()
-        if not math.isfinite(total):  # never apply a NaN/inf update
-            self.optimizer.zero_grad(set_to_none=True)
-            self.nan_steps += 1
-            self.scheduler.step()
-            return total
-        self.scaler.unscale_(self.optimizer)
-        if self.proc.train.max_grad_norm and self.proc.train.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.proc.train.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.step(self.params)
-        return total
-
     # ---- samples, saves, resume ----------------------------------------------------------------
     @contextlib.contextmanager
     def ema_weights(self):
@@ -192,7 +207,7 @@ class Run:
 
     def sample(self) -> None:
         self.arch.denoiser.eval()
-        with self.ema_weights(), self.autocast():
+        with self.ema_weights(), self.stepper.autocast():
             self.previewer.render(self.step, lambda m: lora_scale(self.arch.denoiser, m))
         self.arch.denoiser.train()
 
@@ -238,27 +253,27 @@ class Run:
             "identity": self.identity(), "step": self.step, "seed": self.seed,
             "lora": {k: v.detach().cpu() for k, v in lora_state(self.arch.denoiser).items()},
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
-            "rng": rng_state(self.generator), "data": self.data.state_dict(), "nan_steps": self.nan_steps,
+            "scaler": self.stepper.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+            "rng": rng_state(self.generator), "data": self.data.state_dict(), "nan_steps": self.stepper.nan_steps,
         })
         ckpt.prune(self.run_dir, name, self.proc.save.max_step_saves_to_keep)
 
     def resume(self) -> bool:
-        path = ckpt.latest_state(self.run_dir)
-        if path is None:
+        state, path = self.resume_state, self.resume_path
+        if state is None:
             return False
-        state = ckpt.load_state(path)
         if state["identity"] != self.identity():
             raise RuntimeError(f"{path} was written by a run with {state['identity']}, but this config gives "
                                f"{self.identity()}: use another config.name or training_folder, or delete {self.run_dir}")
         load_lora_state(self.arch.denoiser, state["lora"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        self.stepper.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         set_rng_state(state["rng"], self.generator)
         self.data.load_state_dict(state["data"])
-        self.step, self.nan_steps, self.seed = state["step"], state["nan_steps"], state["seed"]
+        self.step, self.stepper.nan_steps = state["step"], state["nan_steps"]
+        self.resume_state = None  # free the memory
         print(f"Resuming {self.proc.name} from step {self.step} ({path})")
         return True

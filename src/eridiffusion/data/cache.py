@@ -1,0 +1,122 @@
+"""Latent and text-embedding caches, filled through callables the model side provides."""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .captions import process_caption
+
+if TYPE_CHECKING:
+    from .dataset import Item
+
+Tensors = dict[str, torch.Tensor]
+
+
+def _short_hash(*parts: object) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+class _Store:
+    """Tensor dicts by file path: safetensors files written atomically, or a dict in memory."""
+
+    def __init__(self, to_disk: bool):
+        self.to_disk, self._memory = to_disk, {}
+
+    def has(self, path: Path) -> bool:
+        return path.exists() if self.to_disk else path in self._memory
+
+    def get(self, path: Path) -> Tensors | None:
+        if not self.to_disk:
+            return self._memory.get(path)
+        return load_file(path) if path.exists() else None
+
+    def put(self, path: Path, tensors: Tensors) -> Tensors:
+        tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
+        if self.to_disk:
+            path.parent.mkdir(exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a killed run never leaves half a file
+            save_file(tensors, tmp)
+            os.replace(tmp, path)
+        else:
+            self._memory[path] = tensors
+        return tensors
+
+
+class LatentCache:
+    """Latents per item: `<image dir>/_latent_cache/<stem>_<key>.safetensors` (or memory), where the key
+    covers the image file (name, size, mtime), bucket, crop mode, flips, scale and the VAE fingerprint.
+    A random crop is drawn once per cached item (seeded by its key)."""
+
+    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], fingerprint: str, to_disk: bool):
+        self.encode, self.fingerprint, self._store = encode, fingerprint, _Store(to_disk)
+
+    def path(self, item: Item) -> Path:
+        stat = item.path.stat()
+        key = _short_hash(item.path.name, stat.st_size, stat.st_mtime_ns, item.bucket, item.random_crop,
+                          item.flip_x, item.flip_y, item.scale, self.fingerprint)
+        return item.path.parent / "_latent_cache" / f"{item.path.stem}_{key}.safetensors"
+
+    def get(self, item: Item) -> Tensors | None:
+        """{"latent": [C, h, w], "crop_top_left": [2] (y, x)}, or None if not cached."""
+        return self._store.get(self.path(item))
+
+    @torch.no_grad()
+    def prepare(self, items: Iterable[Item], device: torch.device | str, dtype: torch.dtype,
+                progress: bool = True) -> int:
+        """Encode every item not cached yet; returns how many were encoded."""
+        todo = {path: item for item in items if not self._store.has(path := self.path(item))}
+        for path, item in tqdm(todo.items(), desc="caching latents", disable=not progress):
+            pixels, crop = item.pixels(random.Random(path.name))
+            latent = self.encode(pixels[None].to(device, dtype))[0]
+            self._store.put(path, {"latent": latent, "crop_top_left": torch.tensor(crop)})
+        return len(todo)
+
+
+class TextCache:
+    """Text-encoder outputs per item, `<image dir>/_t_e_cache/<stem>_<hash(caption, fingerprint)>.safetensors`.
+    Cached embeddings cannot be shuffled or token-dropped, so an item stores its caption without those
+    (trigger applied), plus a 'dropout' embedding (the trigger alone, or '') swapped in with probability
+    caption_dropout_rate. `encode` must give every caption the same shapes (pad to a fixed length) so
+    that items stack into a batch."""
+
+    def __init__(self, encode: Callable[[list[str]], Tensors], fingerprint: str, to_disk: bool = True):
+        self.encode, self.fingerprint, self._store = encode, fingerprint, _Store(to_disk)
+
+    def _entry(self, item: Item, dropped: bool) -> tuple[str, Path]:
+        caption = process_caption("" if dropped else item.caption, trigger=item.trigger)
+        stem = "_dropout" if dropped else item.path.stem  # the file's content depends only on the hash
+        return caption, item.path.parent / "_t_e_cache" / f"{stem}_{_short_hash(caption, self.fingerprint)}.safetensors"
+
+    @torch.no_grad()
+    def _encode_into(self, caption: str, paths: Iterable[Path]) -> Tensors:
+        embeds = {k: v[0] for k, v in self.encode([caption]).items()}
+        for path in paths:
+            stored = self._store.put(path, embeds)
+        return stored
+
+    def prepare(self, items: Iterable[Item], progress: bool = True) -> int:
+        """Encode every caption (and dropout caption) not cached yet; returns how many captions were encoded."""
+        todo = defaultdict(set)
+        for item in items:
+            for dropped in (False, True) if item.caption_dropout_rate > 0 else (False,):
+                caption, path = self._entry(item, dropped)
+                if not self._store.has(path):
+                    todo[caption].add(path)
+        for caption, paths in tqdm(todo.items(), desc="caching text embeddings", disable=not progress):
+            self._encode_into(caption, paths)
+        return len(todo)
+
+    def get(self, item: Item, rng: random.Random) -> tuple[str, Tensors]:
+        """(caption, embeddings without batch dim) for one step; encodes on a miss."""
+        dropped = item.caption_dropout_rate > 0 and rng.random() < item.caption_dropout_rate
+        caption, path = self._entry(item, dropped)
+        embeds = self._store.get(path)
+        return caption, embeds if embeds is not None else self._encode_into(caption, [path])
