@@ -1,0 +1,57 @@
+"""Shared fixtures: one tiny random-weight Flux folder for the session, and a config writer."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from eridiffusion.tiny import DEMO_DATA_DIR, build_tiny_flux
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    return build_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell(tmp_path_factory) -> Path:
+    return build_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux-schnell", guidance_embeds=False)
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    return Path(shutil.copytree(DEMO_DATA_DIR, tmp_path / "dataset"))
+
+
+def flux_config(model_dir: Path, data_dir: Path, out: Path, *, name="test_lora", steps=6, **overrides) -> dict:
+    """A small ai-toolkit-style config; `overrides` maps section -> dict of keys to update."""
+    proc = {
+        "type": "sd_trainer", "training_folder": str(out), "device": "cpu", "trigger_word": "shp3s",
+        "training_seed": 7,
+        "network": {"type": "lora", "linear": 4, "linear_alpha": 8},
+        "save": {"dtype": "float32", "save_every": 3, "max_step_saves_to_keep": 2},
+        "datasets": [{"folder_path": str(data_dir), "caption_ext": "txt", "resolution": [64],
+                      "cache_latents_to_disk": True}],
+        "train": {"batch_size": 2, "steps": steps, "lr": 1e-3, "optimizer": "adamw", "dtype": "fp32",
+                  "cache_text_embeddings": True},
+        "model": {"name_or_path": str(model_dir), "is_flux": True},
+        "sample": {"sample_every": 1000, "width": 32, "height": 32, "sample_steps": 2,
+                   "prompts": ["[trigger] a red circle"]},
+    }
+    for section, values in overrides.items():
+        if isinstance(proc.get(section), dict) and isinstance(values, dict):
+            proc[section].update(values)
+        else:
+            proc[section] = values
+    return {"job": "extension", "config": {"name": name, "process": [proc]}, "meta": {"name": "[name]"}}
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    def write(config: dict, filename="config.yaml") -> Path:
+        path = tmp_path / filename
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+    return write
