@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from eridiffusion.tiny import DEMO_DATA_DIR, build_tiny_flux
+from eridiffusion.archs.flux_tiny import build_tiny_flux
+from eridiffusion.demo import DEMO_DATA_DIR
 
 
 @pytest.fixture(scope="session")

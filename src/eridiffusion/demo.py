@@ -14,7 +14,10 @@ from importlib.resources import files
 from pathlib import Path
 
 from . import cli
-from .tiny import build_tiny_flux
+from .archs import get_arch_class
+
+# Small captioned images (png, jpg, webp; 64x64, 96x64, 64x96) shipped as package data.
+DEMO_DATA_DIR = Path(__file__).with_name("demo_data")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,9 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.dir).resolve()
     model, dataset = root / "tiny-flux", root / "dataset"
     if not (model / "model_index.json").is_file():
-        build_tiny_flux(model)
+        get_arch_class("flux").build_tiny(model)
     if not dataset.is_dir():
-        shutil.copytree(files("eridiffusion") / "demo_data", dataset)
+        shutil.copytree(DEMO_DATA_DIR, dataset)
     os.environ["ERI_DEMO_DIR"] = str(root)
     code = cli.main([str(files("eridiffusion") / "demo.yaml")])
     if code == 0:

@@ -35,6 +35,13 @@ class Flux:
             raise ValueError(f"train.timestep_type '{self.train_cfg.timestep_type}' is not supported yet for flux "
                              f"(supported: {', '.join(flow.TIMESTEP_TYPES)})")
 
+    @staticmethod
+    def build_tiny(folder, **kw):
+        """A tiny random-weight model folder of this architecture, for tests and the demo."""
+        from .flux_tiny import build_tiny_flux
+
+        return build_tiny_flux(folder, **kw)
+
     # ---- loading -------------------------------------------------------------------------------
     def load(self) -> None:
         root = require_diffusers_folder(self.model_cfg.name_or_path, COMPONENTS)

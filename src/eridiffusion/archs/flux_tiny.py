@@ -1,4 +1,4 @@
-"""Tiny random-initialised model folders in the real diffusers on-disk format.
+"""A tiny random-initialised FLUX.1 folder in the real diffusers on-disk format.
 
 Tests and the demo need a model folder that loads through exactly the code paths a downloaded
 one does, without a download: the real classes, the real file layout, random weights, and
@@ -27,9 +27,6 @@ the quick brown fox jumps over the lazy dog. a close-up portrait of a woman smil
 a landscape with mountains, trees and a river at sunset. a city street at night with lights.
 high quality, detailed, sharp focus, soft light, 4k, 35mm film.
 """
-
-# Small captioned images (png, jpg, webp; 64x64, 96x64, 64x96) shipped as package data.
-DEMO_DATA_DIR = Path(__file__).with_name("demo_data")
 
 _CLIP_BOS, _CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 _CLIP_MERGES = 300
