@@ -156,3 +156,39 @@ def test_bypass_guidance_embedding_ignores_guidance(tiny_flux, dataset, tmp_path
 
     assert not torch.allclose(prediction(False, 1.0), prediction(False, 5.0))  # guidance matters normally
     torch.testing.assert_close(prediction(True, 1.0), prediction(True, 5.0))  # and not at all when bypassed
+
+
+def test_lr_schedule_with_warmup(tiny_flux, dataset, tmp_path, write_config):
+    cfg = flux_config(tiny_flux, dataset, tmp_path / "out", steps=6,
+                      train={"lr_scheduler": "cosine", "lr_scheduler_params": {"num_warmup_steps": 2}})
+    assert cli.main([str(write_config(cfg))]) == 0
+    lrs = [r["lr"] for r in read_log(tmp_path / "out" / "test_lora")]
+    assert lrs[:3] == pytest.approx([0.0, 5e-4, 1e-3]) and lrs[3] > lrs[4] > lrs[5] > 0
+
+
+def test_gradient_accumulation_and_start_step(tiny_flux, dataset, tmp_path, write_config):
+    cfg = flux_config(tiny_flux, dataset, tmp_path / "out", steps=6, train={"gradient_accumulation_steps": 2, "start_step": 4})
+    assert cli.main([str(write_config(cfg))]) == 0
+    run = tmp_path / "out" / "test_lora"
+    assert [r["step"] for r in read_log(run)] == [5, 6]
+    state = load_state(latest_state(run))
+    assert state["data"]["epoch"] * 4 + state["data"]["position"] == 4  # 2 steps x 2 batches of the 4 per epoch
+
+
+def test_adamw8bit_without_cuda_is_a_clear_error(tiny_flux, dataset, tmp_path, write_config, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cfg = flux_config(tiny_flux, dataset, tmp_path / "out", train={"optimizer": "adamw8bit"})
+    assert cli.main([str(write_config(cfg))]) == 1
+    assert "adamw8bit" in capsys.readouterr().err
+
+
+def test_compiled_model_trains_like_the_eager_one(tiny_flux, dataset, tmp_path, write_config):
+    losses = {}
+    for compiled in (False, True):
+        out = tmp_path / str(compiled)
+        cfg = flux_config(tiny_flux, dataset, out, steps=3, model={"name_or_path": str(tiny_flux), "is_flux": True,
+                                                                   "compile": compiled}, sample={"prompts": []})
+        assert cli.main([str(write_config(cfg, f"{compiled}.yaml"))]) == 0
+        losses[compiled] = [r["loss"] for r in read_log(out / "test_lora")]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)

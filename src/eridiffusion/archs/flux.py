@@ -9,11 +9,13 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
 from ..objectives import flow
+from ..train.dtypes import DTYPES
 from .base import SampleRequest
 from .common import folder_fingerprint, read_json, require_diffusers_folder
 
 COMPONENTS = ["transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"]
 BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
+FLOW_NAMES = ("flowmatch", "flow_match", "euler", "ddpm")  # ddpm: ai-toolkit's default for both keys
 FILE_PREFIX = "transformer."  # diffusers' Flux LoRA layout, which ComfyUI's Flux loader also maps
 
 
@@ -31,9 +33,18 @@ class Flux:
         self.model_cfg, self.train_cfg = proc.model, proc.train
         self.device, self.dtype = device, dtype
         self.max_sequence_length = int(self.model_cfg.model_kwargs.get("max_text_length", 512))
-        if self.train_cfg.timestep_type not in flow.TIMESTEP_TYPES:
-            raise ValueError(f"train.timestep_type '{self.train_cfg.timestep_type}' is not supported yet for flux "
+        tc, sampler = self.train_cfg, proc.sample.sampler if proc.sample else "flowmatch"
+        if tc.timestep_type not in flow.TIMESTEP_TYPES:
+            raise ValueError(f"train.timestep_type '{tc.timestep_type}' is not supported yet for flux "
                              f"(supported: {', '.join(flow.TIMESTEP_TYPES)})")
+        # Flux is always trained and sampled with flow matching, as in ai-toolkit; these keys may only say so
+        for key, value in (("train.noise_scheduler", tc.noise_scheduler), ("sample.sampler", sampler)):
+            if value not in FLOW_NAMES:
+                raise ValueError(f"{key} '{value}': flux trains and samples with flow matching; use 'flowmatch'")
+        for key, value in (("model.is_v_pred", proc.model.is_v_pred), ("train.snr_gamma", tc.snr_gamma),
+                           ("train.min_snr_gamma", tc.min_snr_gamma)):
+            if value:
+                raise ValueError(f"{key} applies to noise-prediction (DDPM) models, not to flux; remove it")
 
     @staticmethod
     def build_tiny(folder, **kw):
@@ -45,10 +56,11 @@ class Flux:
     # ---- loading -------------------------------------------------------------------------------
     def load(self) -> None:
         root = require_diffusers_folder(self.model_cfg.name_or_path, COMPONENTS)
-        load = dict(torch_dtype=self.dtype, local_files_only=True)
-        vae_dtype = self.vae_dtype()
+        load = dict(torch_dtype=DTYPES[self.model_cfg.te_dtype], local_files_only=True)
+        vae_dtype = DTYPES[self.model_cfg.vae_dtype]
         self.attach(
-            transformer=FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", **load),
+            transformer=FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", torch_dtype=self.dtype,
+                                                               local_files_only=True),
             vae=AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True, torch_dtype=vae_dtype),
             text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **load),
             text_encoder_2=T5EncoderModel.from_pretrained(root, subfolder="text_encoder_2", **load),
@@ -82,11 +94,6 @@ class Flux:
                                     base_shift=sched.base_shift, max_shift=sched.max_shift)
         self.denoiser = transformer
 
-    def vae_dtype(self) -> torch.dtype:
-        name = self.model_cfg.vae_dtype
-        return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-                "fp32": torch.float32, "float32": torch.float32}[name] if name else self.dtype
-
     def drop_text_encoders(self) -> None:
         for name in ("text_encoder", "text_encoder_2"):
             setattr(self.pipe, name, None)
@@ -113,7 +120,8 @@ class Flux:
         tc = self.train_cfg
         b, c, h, w = latents.shape
         latents = latents.to(self.device, self.dtype)
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        noise = flow.offset_noise(torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype),
+                                  tc.noise_offset, generator)
         u = flow.uniform_quantiles(b, generator=generator, content_or_style=tc.content_or_style,
                                    min_step=tc.min_denoising_steps, max_step=tc.max_denoising_steps,
                                    num_steps=tc.num_train_timesteps)

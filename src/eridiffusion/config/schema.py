@@ -186,12 +186,11 @@ class DatasetConfig(Section):
     cache_latents_to_disk: bool = False
     cache_text_embeddings: bool = False
     batch_size: int | None = Field(None, ge=1)  # filled from train.batch_size
-    num_workers: int = Field(2, ge=0)
     loss_multiplier: float = Field(1.0, ge=0)
-    limited = {"type": ("image",)}
+    limited = {"type": ("image",), "buckets": (True,)}
     renamed = {"dataset_path": "folder_path", "caption_type": "caption_ext"}
     unsupported = {
-        "is_reg": False, "network_weight": 1.0, "prior_reg": False, "random_triggers": [], "random_triggers_max": 1,
+        "is_reg": False, "network_weight": 1.0, "num_workers": 2, "prior_reg": False, "random_triggers": [], "random_triggers_max": 1,
         "random_scale": False, "bucket_tolerance": 64, "augments": [], "augmentations": None,
         "shuffle_augmentations": False, "control_path": None, "control_path_1": None, "control_path_2": None,
         "control_path_3": None, "control_from_same_folder": False, "num_controls_from_same_folder": 1,
@@ -247,7 +246,6 @@ class TrainConfig(Section):
     min_denoising_steps: int = Field(0, ge=0)
     max_denoising_steps: int = Field(999, ge=0)
     num_train_timesteps: int = Field(1000, ge=1)
-    linear_timesteps: bool = False
     gradient_checkpointing: bool = True
     gradient_accumulation: int = Field(1, ge=1)  # effective value, after merging the legacy key
     gradient_accumulation_steps: int = 1  # legacy spelling
@@ -255,7 +253,6 @@ class TrainConfig(Section):
     train_unet: bool = True
     train_text_encoder: bool = False
     cache_text_embeddings: bool = False
-    unload_text_encoder: bool = False
     skip_first_sample: bool = False
     force_first_sample: bool = False
     disable_sampling: bool = False
@@ -268,9 +265,8 @@ class TrainConfig(Section):
     min_snr_gamma: float | None = Field(None, gt=0)
     noise_offset: float = Field(0.0, ge=0)
     start_step: int | None = Field(None, ge=0)
-    xformers: bool = False
-    sdp: bool = False
-    attention_backend: str = "native"
+    sdp: bool = False  # PyTorch SDPA: what "native" attention already is
+    attention_backend: str = "native"  # diffusers attention backend, e.g. flash, _flash_3, sage
     limited = {
         "optimizer": ("adamw", "adam", "adamw8bit", "adam8bit", "sgd", "adafactor", "prodigy"),
         "lr_scheduler": ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "step"),
@@ -279,6 +275,7 @@ class TrainConfig(Section):
         "loss_type": ("mse",),
     }
     unsupported = {
+        "linear_timesteps": False, "unload_text_encoder": False, "xformers": False,
         "refiner_lr": None, "embedding_lr": None, "adapter_lr": None, "linear_timesteps2": False,
         "next_sample_timesteps": 8, "train_refiner": True, "switch_boundary_every": 1, "prompt_dropout_prob": 0.0,
         "negative_prompt": None, "max_negative_prompts": 1, "reg_weight": 1.0, "loss_target": "noise",
@@ -352,20 +349,15 @@ class ModelConfig(Section):
     is_vega: bool = False
     is_v_pred: bool = False
     dtype: str = "float16"  # replaced by train.dtype, as ai-toolkit does
-    vae_path: str | None = None
     vae_dtype: str | None = None  # defaults to dtype
     te_dtype: str | None = None  # defaults to dtype
-    extras_name_or_path: str | None = None
-    low_vram: bool = False
-    attn_masking: bool = False
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
-    lora_path: str | None = None
-    assistant_lora_path: str | None = None
-    inference_lora_path: str | None = None
-    compile: bool = False
-    layer_offloading: bool = False
+    # regional torch.compile of the denoiser; unset: on where it pays off (CUDA with Triton), see train/loop.py
+    compile: bool | None = None
     renamed = {"auto_memory": "layer_offloading"}
     unsupported = {
+        "vae_path": None, "extras_name_or_path": None, "low_vram": False, "attn_masking": False, "lora_path": None,
+        "assistant_lora_path": None, "inference_lora_path": None, "layer_offloading": False,
         "quantize": False, "quantize_te": False, "qtype": "qfloat8", "qtype_te": "qfloat8", "quantize_kwargs": {},
         "vae_device": None, "te_device": None, "refiner_name_or_path": None, "refiner_start_at": 0.5,
         "unconditional_lora_path": None, "latent_space_version": None, "use_text_encoder_1": True,
@@ -434,14 +426,11 @@ class SampleConfig(Section):
     guidance_scale: float = 7.0
     sample_steps: int = Field(20, ge=1)
     network_multiplier: float = 1.0
-    guidance_rescale: float = 0.0
     format: str = "jpg"
     prompts: list[str] = Field(default_factory=list)  # legacy: moved into samples
     samples: list[SampleItem] = Field(default_factory=list)
-    num_frames: int = Field(1, ge=1)
-    fps: int = Field(16, ge=1)
     limited = {"format": ("jpg", "jpeg", "png", "webp")}
-    unsupported = {"adapter_conditioning_scale": 1.0, "refiner_start_at": 0.5, "extra_values": [], "do_cfg_norm": False}
+    unsupported = {"guidance_rescale": 0.0, "num_frames": 1, "fps": 16, "adapter_conditioning_scale": 1.0, "refiner_start_at": 0.5, "extra_values": [], "do_cfg_norm": False}
 
     @model_validator(mode="before")
     @classmethod
@@ -464,11 +453,10 @@ class SampleConfig(Section):
 
 
 class LoggingConfig(Section):
-    log_every: int = Field(100, ge=1)
-    verbose: bool = False
-    project_name: str = "ai-toolkit"
+    log_every: int = Field(100, ge=1)  # a console line with the mean loss every N steps
+    project_name: str = "ai-toolkit"  # these two name a W&B run, and W&B (use_wandb) is not supported yet
     run_name: str | None = None
-    unsupported = {"use_wandb": False, "use_ui_logger": False}
+    unsupported = {"use_wandb": False, "use_ui_logger": False, "verbose": False}
 
 
 class ProcessConfig(Section):
@@ -478,7 +466,6 @@ class ProcessConfig(Section):
     device: str = "cuda:0"
     trigger_word: str | None = None
     training_seed: int | None = None
-    log_dir: str | None = None
     network: NetworkConfig | None = None  # absent: full fine-tune
     save: SaveConfig = Field(default_factory=SaveConfig)
     datasets: list[DatasetConfig] = Field(min_length=1)
@@ -487,7 +474,7 @@ class ProcessConfig(Section):
     sample: SampleConfig | None = None
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     limited = {"type": ("sd_trainer", "diffusion_trainer", "ui_trainer")}
-    unsupported = {"performance_log_every": 0, "torch_profiler": False, "do_lorm": False,
+    unsupported = {"log_dir": None, "performance_log_every": 0, "torch_profiler": False, "do_lorm": False,
                    "lorm_extract_mode": "ratio", "lorm_extract_mode_param": 0.25, "sqlite_db_path": "./aitk_db.db",
                    "adapter": None, "embedding": None, "decorator": None, "guidance": None, "slider": None,
                    "first_sample": None}

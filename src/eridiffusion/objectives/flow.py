@@ -72,6 +72,14 @@ def timestep_weights(kind: str, sigma: torch.Tensor) -> torch.Tensor:
     return knots[lo] * (1 - frac) + knots[lo + 1] * frac
 
 
+def offset_noise(noise: torch.Tensor, offset: float, generator: torch.Generator) -> torch.Tensor:
+    """`train.noise_offset`: add a per-sample, per-channel constant to the noise (helps very dark/bright images)."""
+    if not offset:
+        return noise
+    shift = torch.randn(noise.shape[:2] + (1,) * (noise.dim() - 2), generator=generator, device=noise.device)
+    return noise + offset * shift.to(noise.dtype)
+
+
 def noise_latents(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     s = sigma.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
     return (1 - s) * x0 + s * noise
