@@ -1,0 +1,26 @@
+"""Every shipped example config (and the demo's) validates, and resolves to what its comments promise."""
+from pathlib import Path
+
+import pytest
+
+from eridiffusion.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+def test_there_are_examples():
+    assert len(EXAMPLES) >= 2
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_validates(path):
+    proc = load_config(str(path)).config.process[0]
+    assert proc.model.arch_name == "flux" and proc.network.linear == 16
+    assert proc.datasets[0].resolution == [512, 768, 1024] and proc.train.dtype == "bf16"
+
+
+def test_demo_config_validates(monkeypatch, tmp_path):
+    monkeypatch.setenv("ERI_DEMO_DIR", str(tmp_path))
+    proc = load_config(str(ROOT / "src" / "eridiffusion" / "demo.yaml")).config.process[0]
+    assert proc.device == "cpu" and proc.model.name_or_path == f"{tmp_path}/tiny-flux"
