@@ -19,7 +19,8 @@ from eridiffusion.adapters import LoraSpec, inject_lora
 from eridiffusion.archs.flux import Flux
 from eridiffusion.config import load_config
 from eridiffusion.data import Batch
-from eridiffusion.train.loop import Stepper, compile_denoiser, want_compile
+from eridiffusion.train.compile import compile_denoiser, want_compile
+from eridiffusion.train.loop import Stepper
 from eridiffusion.train.optim import build_optimizer, build_scheduler
 
 torch.backends.cuda.matmul.allow_tf32 = True
