@@ -285,6 +285,7 @@ class Run:
         self.stepper.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
+            self.ema.to(self.device)  # the checkpoint is read onto the CPU
         set_rng_state(state["rng"], self.generator)
         self.data.load_state_dict(state["data"])
         self.step, self.stepper.nan_steps = state["step"], state["nan_steps"]
