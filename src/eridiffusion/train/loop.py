@@ -24,7 +24,6 @@ from .dtypes import DTYPES, SAVE_DTYPES
 from .optim import build_optimizer, build_scheduler
 
 
-
 def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
@@ -108,7 +107,13 @@ class Run:
 
     def __init__(self, proc, meta: dict):
         self.proc, self.meta = proc, meta
-        tc = proc.train
+        tc, net = proc.train, proc.network
+        if net is None or net.type != "lora":  # checked before any model is loaded
+            raise ValueError("only `network: {type: lora}` is supported yet (full fine-tuning and other adapters are not)")
+        if not tc.train_unet or tc.train_text_encoder:
+            raise ValueError("train.train_unet: true with train_text_encoder: false is the only combination supported yet")
+        if tc.attention_backend.endswith("_hub"):
+            raise ValueError(f"train.attention_backend '{tc.attention_backend}' downloads kernels; use a local one")
         self.run_dir = run_folder(proc)
         self.device = resolve_device(proc.device)
         self.dtype = DTYPES[tc.dtype]
@@ -134,16 +139,9 @@ class Run:
         if self.data.latent_cache is not None:
             self.arch.drop_vae_encoder()
 
-        net = proc.network
-        if net is None or net.type != "lora":
-            raise ValueError("only `network: {type: lora}` is supported yet (full fine-tuning and other adapters are not)")
-        if not tc.train_unet or tc.train_text_encoder:
-            raise ValueError("train.train_unet: true with train_text_encoder: false is the only combination supported yet")
         if net.conv and any(isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1) for m in self.arch.denoiser.modules()):
             raise ValueError("network.conv (LoRA on 3x3 convolutions) is not supported yet; remove it")
         if tc.attention_backend != "native":
-            if tc.attention_backend.endswith("_hub"):
-                raise ValueError(f"train.attention_backend '{tc.attention_backend}' downloads kernels; use a local one")
             self.arch.denoiser.set_attention_backend(tc.attention_backend)
         self.spec = LoraSpec(rank=net.linear, alpha=net.linear_alpha, dropout=net.dropout or 0.0)
         kw = net.network_kwargs
@@ -165,6 +163,8 @@ class Run:
         self.stepper = Stepper(self.arch, self.params, self.optimizer, self.scheduler, dtype=self.dtype,
                                max_grad_norm=tc.max_grad_norm, generator=self.generator, ema=self.ema)
         self.step = tc.start_step or 0
+        for _ in range(self.step):  # a forced start step starts the LR schedule there too
+            self.scheduler.step()
 
     def _prepare_caches(self) -> None:
         """Latents and text embeddings cached when the datasets ask for it (the data side decides)."""
@@ -177,7 +177,12 @@ class Run:
         tc, save_cfg, sample_cfg = self.proc.train, self.proc.save, self.proc.sample
         self.run_dir.mkdir(parents=True, exist_ok=True)
         resumed = self.resume()
-        log = open(self.run_dir / "log.jsonl", "a")
+        log_path = self.run_dir / "log.jsonl"
+        if resumed and log_path.exists():  # drop lines of steps after the checkpoint: they are done again
+            lines = log_path.read_text().splitlines()
+            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= self.step]
+            log_path.write_text("".join(line + "\n" for line in kept))
+        log = open(log_path, "a")
         if self.previewer and (tc.force_first_sample or (not resumed and not tc.skip_first_sample)):
             self.sample()
         bar = tqdm(total=tc.steps, initial=self.step, desc=self.proc.name, dynamic_ncols=True)
