@@ -39,7 +39,7 @@ def main():
     torch.set_default_dtype(torch.float32)
     arch.attach(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True))
     spec = LoraSpec(rank=proc.network.linear, alpha=proc.network.linear_alpha)
-    params = inject_lora(transformer, arch.lora_targets(transformer_only=True), spec, seed=0)
+    params = inject_lora(transformer, arch.lora_components(True, False)["transformer"].linear, spec, seed=0)
     transformer.enable_gradient_checkpointing()
     transformer.train()
     compiled = want_compile(False if "--eager" in sys.argv else None, dev)

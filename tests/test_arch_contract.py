@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eridiffusion.adapters import LoraSpec, inject_lora, lora_state
+from eridiffusion.adapters import LoraSpec, inject_lora, lora_alphas, lora_state
 from eridiffusion.archs import ARCHS, SampleRequest, get_arch_class
 from eridiffusion.config import parse_config
+from eridiffusion.data import Batch
 
 from .conftest import flux_config
 
@@ -21,8 +22,10 @@ def arch(request, tmp_path_factory):
     cfg = flux_config(folder, folder, folder, model={"name_or_path": str(folder), "arch": name})
     arch = cls(parse_config(cfg).config.process[0], torch.device("cpu"), torch.float32)
     arch.load()
-    targets = arch.lora_targets(transformer_only=True)
-    params = inject_lora(arch.denoiser, targets, LoraSpec(rank=4, alpha=4), seed=0)
+    params = []
+    for t in arch.lora_components(transformer_only=True, train_text_encoder=False).values():
+        params += inject_lora(t.module, t.linear, LoraSpec(rank=4, alpha=4), conv_targets=t.conv,
+                              conv_spec=LoraSpec(rank=2, alpha=1), seed=0)
     with torch.no_grad():  # non-zero LoRA B, so that the LoRA changes outputs and gets gradients on A too
         for p in params:
             p.normal_(std=0.02)
@@ -39,7 +42,10 @@ def loss_and_grads(arch, params, checkpointing: bool):
     pixels = torch.rand(2, 3, 2 * d, 3 * d, generator=torch.Generator().manual_seed(0)) * 2 - 1
     latents = arch.encode_images(pixels)
     text = arch.encode_prompts(["a red circle", "a green square"])
-    loss = arch.training_loss(latents, text, torch.Generator().manual_seed(1)).mean()
+    batch = Batch(pixels=pixels, latents=latents, captions=["a red circle", "a green square"], text=text,
+                  original_sizes=[tuple(pixels.shape[2:])] * 2, crop_top_lefts=[(0, 0)] * 2,
+                  target_sizes=[tuple(pixels.shape[2:])] * 2, paths=[], loss_weights=torch.ones(2))
+    loss = arch.training_loss(latents, text, batch, torch.Generator().manual_seed(1)).mean()
     grads = torch.autograd.grad(loss, params)
     return loss.detach(), grads
 
@@ -63,11 +69,13 @@ def test_gradient_checkpointing_changes_nothing(arch):
 
 def test_lora_file_layout_round_trips(arch):
     arch, params = arch
-    state = lora_state(arch.denoiser)
-    on_disk = arch.lora_to_file(state)
-    assert set(on_disk) != set(state) or all("." in k for k in on_disk)
-    back = arch.lora_from_file(on_disk)
-    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+    states = {}
+    for name, t in arch.lora_components(transformer_only=True, train_text_encoder=False).items():
+        states[name] = {**lora_state(t.module), **{f"{m}.alpha": torch.tensor(float(a)) for m, a in lora_alphas(t.module).items()}}
+    back = arch.lora_from_file(arch.lora_to_file(states))
+    assert back.keys() == states.keys()
+    for name, state in states.items():
+        assert back[name].keys() == state.keys() and all(torch.equal(back[name][k], state[k]) for k in state)
 
 
 def test_preview_has_the_asked_size(arch):

@@ -69,7 +69,7 @@ def test_saved_lora_loads_in_diffusers_and_matches_the_trainer(tiny_flux, datase
     # The trainer's own model: base weights + our LoRA with the run's final raw weights.
     ours = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer", local_files_only=True)
     inject_lora(ours, sorted(modules_of(saved)), LoraSpec(rank=4, alpha=2))
-    load_lora_state(ours, load_state(latest_state(run))["lora"])
+    load_lora_state(ours, load_state(latest_state(run))["lora"]["transformer"])
 
     torch.manual_seed(0)
     kw = dict(hidden_states=torch.randn(1, 64, 16), encoder_hidden_states=torch.randn(1, 12, 32),

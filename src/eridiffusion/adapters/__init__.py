@@ -1,3 +1,3 @@
-from .lora import LoraSpec, inject_lora, lora_scale, lora_state, load_lora_state, select_linear_modules
+from .lora import LoraSpec, filter_names, inject_lora, load_lora_state, lora_alphas, lora_scale, lora_state
 
-__all__ = ["LoraSpec", "inject_lora", "lora_scale", "lora_state", "load_lora_state", "select_linear_modules"]
+__all__ = ["LoraSpec", "filter_names", "inject_lora", "load_lora_state", "lora_alphas", "lora_scale", "lora_state"]

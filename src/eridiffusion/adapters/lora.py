@@ -20,10 +20,8 @@ class LoraSpec:
     dropout: float = 0.0
 
 
-def select_linear_modules(module: torch.nn.Module, candidates: list[str], *, only_if_contains: list[str] | None,
-                          ignore_if_contains: list[str] | None) -> list[str]:
-    """Filter candidate module names as ai-toolkit's network_kwargs do (ignore wins over only)."""
-    names = [n for n in candidates if isinstance(module.get_submodule(n), torch.nn.Linear)]
+def filter_names(names: list[str], *, only_if_contains: list[str] | None, ignore_if_contains: list[str] | None) -> list[str]:
+    """Filter module names as ai-toolkit's network_kwargs do (ignore wins over only)."""
     if only_if_contains:
         names = [n for n in names if any(s in n for s in only_if_contains)]
     if ignore_if_contains:
@@ -31,12 +29,18 @@ def select_linear_modules(module: torch.nn.Module, candidates: list[str], *, onl
     return names
 
 
-def inject_lora(module: torch.nn.Module, targets: list[str], spec: LoraSpec, *, seed: int | None = None) -> list[torch.nn.Parameter]:
-    """Add a LoRA to each named Linear; returns the new trainable parameters (fp32, as trainers keep them)."""
-    if not targets:
+def inject_lora(module: torch.nn.Module, targets: list[str], spec: LoraSpec, *, conv_targets: list[str] = (),
+                conv_spec: LoraSpec | None = None, seed: int | None = None) -> list[torch.nn.Parameter]:
+    """Add a LoRA to each named Linear (and, with `conv_spec`, each named Conv2d at its own rank, as LoCon
+    does); returns the new trainable parameters, kept in fp32 as trainers keep them."""
+    if not targets and not conv_targets:
         raise ValueError("no layer matched the LoRA targets: check network.network_kwargs only_if_contains / ignore_if_contains")
+    conv_targets = list(conv_targets) if conv_spec else []
+    exact = {n: f"^{re.escape(n)}$" for n in conv_targets}
     config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout or 0.0,
-                        target_modules="|".join(re.escape(n) for n in targets),  # a str is matched in full by peft
+                        target_modules="|".join(re.escape(n) for n in [*targets, *conv_targets]),  # a str: full match
+                        rank_pattern={exact[n]: conv_spec.rank for n in conv_targets} if conv_spec else {},
+                        alpha_pattern={exact[n]: conv_spec.alpha for n in conv_targets} if conv_spec else {},
                         init_lora_weights=True)
     module.requires_grad_(False)
     rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()

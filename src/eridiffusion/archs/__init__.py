@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Architecture, SampleRequest
+from .base import Architecture, LoraTargets, SampleRequest
 
 # config `model.arch` (after alias/tag resolution) -> "module:Class"
 ARCHS: dict[str, str] = {
@@ -20,4 +20,4 @@ def get_arch_class(name: str) -> type[Architecture]:
     return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["ARCHS", "Architecture", "SampleRequest", "get_arch_class"]
+__all__ = ["ARCHS", "Architecture", "LoraTargets", "SampleRequest", "get_arch_class"]

@@ -13,6 +13,15 @@ from PIL import Image
 
 
 @dataclass
+class LoraTargets:
+    """One module of a model that gets LoRA layers: its Linear and its (3x3) Conv2d candidates."""
+
+    module: torch.nn.Module
+    linear: list[str]
+    conv: list[str]
+
+
+@dataclass
 class SampleRequest:
     text: dict[str, torch.Tensor]  # encode_prompts() output for one prompt (batch dim 1)
     neg_text: dict[str, torch.Tensor] | None
@@ -50,16 +59,19 @@ class Architecture(Protocol):
     def drop_vae_encoder(self) -> None:
         """Move the VAE off the training device once every latent is cached."""
 
-    def training_loss(self, latents: torch.Tensor, text: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
-        """Noise the latents with the arch's objective, predict, return the per-sample loss [B]."""
+    def training_loss(self, latents: torch.Tensor, text: dict[str, torch.Tensor], batch, generator: torch.Generator
+                      ) -> torch.Tensor:
+        """Noise the latents with the arch's objective, predict, return the per-sample loss [B].
+        `batch` (data.Batch) carries per-image facts some models condition on (original size, crop)."""
 
-    def lora_targets(self, transformer_only: bool) -> list[str]:
-        """Names of the Linear modules of `denoiser` that get a LoRA by default."""
+    def lora_components(self, transformer_only: bool, train_text_encoder: bool) -> dict[str, LoraTargets]:
+        """The modules that get LoRA layers by default, by component name ("transformer", "unet", "te1", ...).
+        The denoiser's component is trained at unet_lr, the others at text_encoder_lr."""
 
-    def lora_to_file(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """peft-named LoRA tensors of `denoiser` -> the key layout written to disk."""
+    def lora_to_file(self, states: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Per component, peft-named LoRA tensors plus `<module>.alpha` -> the key layout written to disk."""
 
-    def lora_from_file(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def lora_from_file(self, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
         """Inverse of lora_to_file."""
 
     def generate(self, request: SampleRequest) -> Image.Image:

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
 from ..objectives import flow
 from ..train.dtypes import DTYPES
-from .base import SampleRequest
+from .base import LoraTargets, SampleRequest
 from .common import folder_fingerprint, read_json, require_diffusers_folder
 
 COMPONENTS = ["transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"]
@@ -116,7 +116,7 @@ class Flux:
         return {"prompt_embeds": embeds.to(self.dtype), "pooled_prompt_embeds": pooled.to(self.dtype)}
 
     # ---- training ------------------------------------------------------------------------------
-    def training_loss(self, latents, text, generator):
+    def training_loss(self, latents, text, batch, generator):
         tc = self.train_cfg
         b, c, h, w = latents.shape
         latents = latents.to(self.device, self.dtype)
@@ -149,18 +149,21 @@ class Flux:
         return FluxPipeline._unpack_latents(out, h * self.vae_scale_factor, w * self.vae_scale_factor, self.vae_scale_factor)
 
     # ---- LoRA ----------------------------------------------------------------------------------
-    def lora_targets(self, transformer_only: bool) -> list[str]:
+    def lora_components(self, transformer_only: bool, train_text_encoder: bool) -> dict[str, LoraTargets]:
+        if train_text_encoder:
+            raise ValueError("train.train_text_encoder is not supported yet for flux")
         names = [n for n, m in self.transformer.named_modules() if isinstance(m, torch.nn.Linear)]
-        return [n for n in names if n.startswith(BLOCKS)] if transformer_only else names
+        return {"transformer": LoraTargets(self.transformer, [n for n in names if n.startswith(BLOCKS)]
+                                           if transformer_only else names, [])}
 
-    def lora_to_file(self, state):
-        return {FILE_PREFIX + k: v for k, v in state.items()}
+    def lora_to_file(self, states):
+        return {FILE_PREFIX + k: v for k, v in states["transformer"].items()}
 
-    def lora_from_file(self, state):
-        bad = [k for k in state if not k.startswith(FILE_PREFIX)]
+    def lora_from_file(self, tensors):
+        bad = [k for k in tensors if not k.startswith(FILE_PREFIX)]
         if bad:
             raise ValueError(f"not a diffusers-layout Flux LoRA (key '{bad[0]}' lacks the '{FILE_PREFIX}' prefix)")
-        return {k[len(FILE_PREFIX):]: v for k, v in state.items()}
+        return {"transformer": {k[len(FILE_PREFIX):]: v for k, v in tensors.items()}}
 
     # ---- previews ------------------------------------------------------------------------------
     @torch.no_grad()

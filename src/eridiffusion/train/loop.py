@@ -13,8 +13,7 @@ import torch
 from tqdm import tqdm
 
 from .. import __version__
-from ..adapters import LoraSpec, inject_lora, load_lora_state, lora_scale, lora_state, select_linear_modules
-from ..adapters.lora import lora_alphas
+from ..adapters import LoraSpec, filter_names, inject_lora, load_lora_state, lora_alphas, lora_scale, lora_state
 from ..archs import get_arch_class
 from ..data import DataPipeline
 from ..sample import Previewer
@@ -78,10 +77,10 @@ class Stepper:
     def step(self, batches) -> float:
         total = 0.0
         for batch in batches:
-            text = batch.text if batch.text is not None else self.arch.encode_prompts(batch.captions)
             latents = batch.latents if batch.latents is not None else self.arch.encode_images(batch.pixels)
-            with self.autocast():
-                per_sample = self.arch.training_loss(latents, text, self.generator)
+            with self.autocast():  # text encoders may carry trained LoRA layers too
+                text = batch.text if batch.text is not None else self.arch.encode_prompts(batch.captions)
+                per_sample = self.arch.training_loss(latents, text, batch, self.generator)
             loss = (per_sample * batch.loss_weights.to(per_sample.device)).mean() / len(batches)
             self.scaler.scale(loss).backward()
             total += loss.item()
@@ -110,8 +109,11 @@ class Run:
         tc, net = proc.train, proc.network
         if net is None or net.type != "lora":  # checked before any model is loaded
             raise ValueError("only `network: {type: lora}` is supported yet (full fine-tuning and other adapters are not)")
-        if not tc.train_unet or tc.train_text_encoder:
-            raise ValueError("train.train_unet: true with train_text_encoder: false is the only combination supported yet")
+        if not tc.train_unet:
+            raise ValueError("train.train_unet: false (training only text encoders) is not supported yet")
+        if tc.train_text_encoder and any(d.cache_text_embeddings for d in proc.datasets):
+            raise ValueError("train.train_text_encoder cannot be combined with cache_text_embeddings: "
+                             "trained text encoders must encode every caption anew")
         if tc.attention_backend.endswith("_hub"):
             raise ValueError(f"train.attention_backend '{tc.attention_backend}' downloads kernels; use a local one")
         self.run_dir = run_folder(proc)
@@ -139,21 +141,16 @@ class Run:
         if self.data.latent_cache is not None:
             self.arch.drop_vae_encoder()
 
-        if net.conv and any(isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1) for m in self.arch.denoiser.modules()):
-            raise ValueError("network.conv (LoRA on 3x3 convolutions) is not supported yet; remove it")
         if tc.attention_backend != "native":
             self.arch.denoiser.set_attention_backend(tc.attention_backend)
-        self.spec = LoraSpec(rank=net.linear, alpha=net.linear_alpha, dropout=net.dropout or 0.0)
-        kw = net.network_kwargs
-        targets = select_linear_modules(self.arch.denoiser, self.arch.lora_targets(net.transformer_only),
-                                        only_if_contains=kw.only_if_contains, ignore_if_contains=kw.ignore_if_contains)
-        self.params = inject_lora(self.arch.denoiser, targets, self.spec, seed=self.seed)
+        self.components = self.arch.lora_components(net.transformer_only, tc.train_text_encoder)
+        self.params, groups = self._inject_lora()
         if tc.gradient_checkpointing:
             self.arch.denoiser.enable_gradient_checkpointing()
         if want_compile(proc.model.compile, self.device):
             compile_denoiser(self.arch.denoiser)
-        self.arch.denoiser.train()
-        self.optimizer = build_optimizer(tc.optimizer, self.params, tc.unet_lr or tc.lr, tc.optimizer_params)
+        self.train_mode(True)
+        self.optimizer = build_optimizer(tc.optimizer, groups, tc.unet_lr, tc.optimizer_params)
         self.scheduler = build_scheduler(tc.lr_scheduler, self.optimizer, tc.lr_scheduler_params, tc.steps)
         self.ema = None
         if tc.ema_config.use_ema:
@@ -165,6 +162,25 @@ class Run:
         self.step = tc.start_step or 0
         for _ in range(self.step):  # a forced start step starts the LR schedule there too
             self.scheduler.step()
+
+    def _inject_lora(self):
+        """LoRA layers into every component; returns all parameters and the optimizer's groups
+        (the denoiser at unet_lr, text encoders at text_encoder_lr)."""
+        net, tc = self.proc.network, self.proc.train
+        spec = LoraSpec(rank=net.linear, alpha=net.linear_alpha, dropout=net.dropout or 0.0)
+        conv_spec = LoraSpec(rank=net.conv, alpha=net.conv_alpha) if net.conv else None
+        kw = net.network_kwargs
+        params, groups = [], []
+        for name, t in self.components.items():
+            pick = lambda names: filter_names(names, only_if_contains=kw.only_if_contains, ignore_if_contains=kw.ignore_if_contains)
+            new = inject_lora(t.module, pick(t.linear), spec, conv_targets=pick(t.conv), conv_spec=conv_spec, seed=self.seed)
+            params += new
+            groups.append({"params": new, "lr": tc.unet_lr if t.module is self.arch.denoiser else tc.text_encoder_lr})
+        return params, groups
+
+    def train_mode(self, on: bool) -> None:
+        for t in self.components.values():
+            t.module.train(on)
 
     def _prepare_caches(self) -> None:
         """Latents and text embeddings cached when the datasets ask for it (the data side decides)."""
@@ -225,17 +241,27 @@ class Run:
             self.ema.restore(self.params)
 
     def sample(self) -> None:
-        self.arch.denoiser.eval()
+        self.train_mode(False)
         with self.ema_weights(), self.stepper.autocast():
-            self.previewer.render(self.step, lambda m: lora_scale(self.arch.denoiser, m))
-        self.arch.denoiser.train()
+            self.previewer.render(self.step, self.lora_strength)
+        self.train_mode(True)
+
+    @contextlib.contextmanager
+    def lora_strength(self, multiplier: float):
+        with contextlib.ExitStack() as stack:
+            for t in self.components.values():
+                stack.enter_context(lora_scale(t.module, multiplier))
+            yield
 
     def lora_file_tensors(self) -> dict[str, torch.Tensor]:
         dtype = SAVE_DTYPES[self.proc.save.dtype]
-        state = {k: v.to(dtype) for k, v in lora_state(self.arch.denoiser).items()}
-        for module, alpha in lora_alphas(self.arch.denoiser).items():
-            state[f"{module}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
-        return self.arch.lora_to_file(state)
+        states = {}
+        for name, t in self.components.items():
+            state = {k: v.to(dtype) for k, v in lora_state(t.module).items()}
+            for module, alpha in lora_alphas(t.module).items():
+                state[f"{module}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+            states[name] = state
+        return self.arch.lora_to_file(states)
 
     def metadata(self) -> dict[str, str]:
         net, proc = self.proc.network, self.proc
@@ -260,7 +286,7 @@ class Run:
         """What must match for a checkpoint to be resumable."""
         net = self.proc.network
         return {"arch": self.proc.model.arch_name, "network": net.type, "rank": net.linear, "alpha": float(net.linear_alpha),
-                "n_params": len(self.params)}
+                "conv": net.conv, "components": sorted(self.components), "n_params": len(self.params)}
 
     def save(self, final: bool) -> None:
         name = self.proc.name
@@ -270,7 +296,7 @@ class Run:
         ckpt.save_safetensors(path, tensors, self.metadata())
         ckpt.save_state(self.run_dir, self.step, {
             "identity": self.identity(), "step": self.step, "seed": self.seed,
-            "lora": {k: v.detach().cpu() for k, v in lora_state(self.arch.denoiser).items()},
+            "lora": {name: {k: v.detach().cpu() for k, v in lora_state(t.module).items()} for name, t in self.components.items()},
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.stepper.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
             "rng": rng_state(self.generator), "data": self.data.state_dict(), "nan_steps": self.stepper.nan_steps,
@@ -284,7 +310,8 @@ class Run:
         if state["identity"] != self.identity():
             raise RuntimeError(f"{path} was written by a run with {state['identity']}, but this config gives "
                                f"{self.identity()}: use another config.name or training_folder, or delete {self.run_dir}")
-        load_lora_state(self.arch.denoiser, state["lora"])
+        for name, t in self.components.items():
+            load_lora_state(t.module, state["lora"][name])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.stepper.scaler.load_state_dict(state["scaler"])

@@ -7,9 +7,11 @@ import torch
 SCHEDULER_PARAMS = {"num_warmup_steps", "warmup_steps", "num_cycles", "power"}
 
 
-def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, extra: dict) -> torch.optim.Optimizer:
+def build_optimizer(name: str, params: list, lr: float, extra: dict) -> torch.optim.Optimizer:
+    """`params`: tensors or torch param groups (dicts with "params" and their own "lr")."""
     name = name.lower()
-    on_cuda = params[0].is_cuda
+    first = params[0]["params"][0] if isinstance(params[0], dict) else params[0]
+    on_cuda = first.is_cuda
     if name in ("adamw", "adam"):
         cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
         kw = {"eps": 1e-6, **extra}  # ai-toolkit's eps for its torch Adam/AdamW
@@ -37,7 +39,9 @@ def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, extr
             from prodigyopt import Prodigy
         except ImportError as e:
             raise RuntimeError("train.optimizer 'prodigy' needs the prodigyopt package: pip install prodigyopt") from e
-        return Prodigy(params, lr=lr if lr >= 0.1 else 1.0, **extra)
+        # Prodigy estimates the step size itself; like ai-toolkit, a small configured lr becomes 1.0
+        groups = [{**g, "lr": g["lr"] if g["lr"] >= 0.1 else 1.0} for g in params] if isinstance(params[0], dict) else params
+        return Prodigy(groups, lr=lr if lr >= 0.1 else 1.0, **extra)
     raise ValueError(f"train.optimizer '{name}' is not supported yet (adamw, adam, adamw8bit, adam8bit, sgd, adafactor, prodigy)")
 
 

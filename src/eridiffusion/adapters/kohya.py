@@ -1,0 +1,88 @@
+"""kohya / LoCon LoRA keys <-> our peft LoRA state, for any module tree.
+
+kohya names a LoRA `<prefix>_<module path with . -> _>` with tensors `.lora_down.weight` (= peft
+lora_A), `.lora_up.weight` (= lora_B) and a scalar `.alpha`; loaders scale by alpha / rank. A conv
+LoRA keeps peft's 4-D layout (down `(r, in, kh, kw)`, up `(out, r, 1, 1)`), which is LoCon's.
+The prefix (`lora_unet`, `lora_te1`, ...) is the caller's: this file knows no architecture.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+_PEFT_TO_KOHYA = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+_KOHYA_TO_PEFT = {v: k for k, v in _PEFT_TO_KOHYA.items()}
+
+
+def to_kohya(state: dict[str, torch.Tensor], alphas: dict[str, float], prefix: str) -> dict[str, torch.Tensor]:
+    """`<module>.lora_A.weight` / `.lora_B.weight` + alphas per module -> kohya keys under `prefix`."""
+    out: dict[str, torch.Tensor] = {}
+    modules: dict[str, torch.Tensor] = {}  # module -> its lora_A, for the alpha's dtype
+    for key, tensor in state.items():
+        module, suffix = _split_peft(key)
+        out[f"{_kohya_name(prefix, module)}.{_PEFT_TO_KOHYA[suffix]}"] = tensor
+        if suffix == "lora_A.weight":
+            modules[module] = tensor
+    incomplete = sorted({_split_peft(k)[0] for k in state} - modules.keys())
+    if incomplete:
+        raise ValueError(f"{len(incomplete)} LoRA modules have a lora_B but no lora_A, e.g. {incomplete[:3]}")
+    missing = sorted(modules.keys() - alphas.keys())
+    if missing:  # without .alpha every loader uses scale 1.0, i.e. the wrong strength unless alpha == rank
+        raise ValueError(f"no alpha for {len(missing)} LoRA modules, e.g. {missing[:3]}")
+    for module, down in modules.items():
+        out[f"{_kohya_name(prefix, module)}.alpha"] = torch.tensor(float(alphas[module]), dtype=down.dtype)
+    return out
+
+
+def from_kohya(tensors: dict[str, torch.Tensor], module_names: Iterable[str],
+               prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """kohya keys under `prefix` -> (peft state, module -> alpha); keys of other prefixes are ignored.
+
+    `module_names` are the model's module paths (`named_modules()`); they resolve which `_` in a
+    kohya name was a `.`. A module without `.alpha` gets alpha = rank (scale 1), as kohya and
+    ComfyUI read such files.
+    """
+    lookup: dict[str, str | None] = {}
+    for name in module_names:
+        flat = name.replace(".", "_")
+        lookup[flat] = None if lookup.get(flat, name) != name else name  # None: two modules flatten alike
+    head = prefix + "_"
+    state: dict[str, torch.Tensor] = {}
+    alphas: dict[str, float] = {}
+    unknown: list[str] = []
+    for key, tensor in tensors.items():
+        if not key.startswith(head):
+            continue
+        flat, _, suffix = key[len(head):].partition(".")
+        if suffix not in _KOHYA_TO_PEFT and suffix != "alpha":
+            raise ValueError(f"{key}: only plain LoRA keys (.lora_down.weight, .lora_up.weight, .alpha) are supported")
+        if flat not in lookup:
+            unknown.append(key)
+            continue
+        module = lookup[flat]
+        if module is None:
+            raise ValueError(f"{key}: more than one module of the model is named {flat!r} once '.' becomes '_'")
+        if suffix == "alpha":
+            alphas[module] = float(tensor.item())
+        else:
+            state[f"{module}.{_KOHYA_TO_PEFT[suffix]}"] = tensor
+    if unknown:
+        raise ValueError(f"{len(unknown)} {prefix} keys name no module of this model, e.g. {sorted(unknown)[:3]}")
+    modules = {_split_peft(k)[0] for k in state}
+    for module in sorted(modules | alphas.keys()):
+        if f"{module}.lora_A.weight" not in state or f"{module}.lora_B.weight" not in state:
+            raise ValueError(f"{_kohya_name(prefix, module)}: needs both .lora_down.weight and .lora_up.weight")
+        alphas.setdefault(module, float(state[f"{module}.lora_A.weight"].shape[0]))
+    return state, alphas
+
+
+def _kohya_name(prefix: str, module: str) -> str:
+    return f"{prefix}_{module.replace('.', '_')}"
+
+
+def _split_peft(key: str) -> tuple[str, str]:
+    for suffix in _PEFT_TO_KOHYA:
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], suffix
+    raise ValueError(f"{key}: not a peft LoRA weight (<module>.lora_A.weight / .lora_B.weight)")
