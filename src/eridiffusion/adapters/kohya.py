@@ -3,7 +3,9 @@
 kohya names a LoRA `<prefix>_<module path with . -> _>` with tensors `.lora_down.weight` (= peft
 lora_A), `.lora_up.weight` (= lora_B) and a scalar `.alpha`; loaders scale by alpha / rank. A conv
 LoRA keeps peft's 4-D layout (down `(r, in, kh, kw)`, up `(out, r, 1, 1)`), which is LoCon's.
-The prefix (`lora_unet`, `lora_te1`, ...) is the caller's: this file knows no architecture.
+The prefix (`lora_unet`, `lora_te1`, ...) is the caller's: this file knows no architecture. A
+wrapper path that the standard names have but the in-memory model lacks belongs in the prefix
+(transformers 5's CLIPTextModel has no `text_model.`, kohya's CLIP-L names do: `lora_te1_text_model`).
 """
 from __future__ import annotations
 
@@ -17,21 +19,17 @@ _KOHYA_TO_PEFT = {v: k for k, v in _PEFT_TO_KOHYA.items()}
 
 def to_kohya(state: dict[str, torch.Tensor], alphas: dict[str, float], prefix: str) -> dict[str, torch.Tensor]:
     """`<module>.lora_A.weight` / `.lora_B.weight` + alphas per module -> kohya keys under `prefix`."""
-    out: dict[str, torch.Tensor] = {}
-    modules: dict[str, torch.Tensor] = {}  # module -> its lora_A, for the alpha's dtype
+    modules = _complete_modules(state, prefix)
+    missing = sorted(modules - alphas.keys())
+    if missing:  # without .alpha every loader uses scale 1.0, i.e. the wrong strength unless alpha == rank
+        raise ValueError(f"no alpha for {len(missing)} LoRA modules, e.g. {missing[:3]}")
+    out = {}
     for key, tensor in state.items():
         module, suffix = _split_peft(key)
         out[f"{_kohya_name(prefix, module)}.{_PEFT_TO_KOHYA[suffix]}"] = tensor
-        if suffix == "lora_A.weight":
-            modules[module] = tensor
-    incomplete = sorted({_split_peft(k)[0] for k in state} - modules.keys())
-    if incomplete:
-        raise ValueError(f"{len(incomplete)} LoRA modules have a lora_B but no lora_A, e.g. {incomplete[:3]}")
-    missing = sorted(modules.keys() - alphas.keys())
-    if missing:  # without .alpha every loader uses scale 1.0, i.e. the wrong strength unless alpha == rank
-        raise ValueError(f"no alpha for {len(missing)} LoRA modules, e.g. {missing[:3]}")
-    for module, down in modules.items():
-        out[f"{_kohya_name(prefix, module)}.alpha"] = torch.tensor(float(alphas[module]), dtype=down.dtype)
+    for module in modules:  # kohya saves alpha in the weights' dtype
+        dtype = state[f"{module}.lora_A.weight"].dtype
+        out[f"{_kohya_name(prefix, module)}.alpha"] = torch.tensor(float(alphas[module]), dtype=dtype)
     return out
 
 
@@ -43,14 +41,16 @@ def from_kohya(tensors: dict[str, torch.Tensor], module_names: Iterable[str],
     kohya name was a `.`. A module without `.alpha` gets alpha = rank (scale 1), as kohya and
     ComfyUI read such files.
     """
-    lookup: dict[str, str | None] = {}
+    lookup: dict[str, str] = {}
+    clashes: set[str] = set()  # flat names two modules share (`a_b.c` and `a.b_c`)
     for name in module_names:
         flat = name.replace(".", "_")
-        lookup[flat] = None if lookup.get(flat, name) != name else name  # None: two modules flatten alike
+        if lookup.setdefault(flat, name) != name:
+            clashes.add(flat)
     head = prefix + "_"
     state: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
-    unknown: list[str] = []
+    unknown: set[str] = set()
     for key, tensor in tensors.items():
         if not key.startswith(head):
             continue
@@ -58,27 +58,35 @@ def from_kohya(tensors: dict[str, torch.Tensor], module_names: Iterable[str],
         if suffix not in _KOHYA_TO_PEFT and suffix != "alpha":
             raise ValueError(f"{key}: only plain LoRA keys (.lora_down.weight, .lora_up.weight, .alpha) are supported")
         if flat not in lookup:
-            unknown.append(key)
+            unknown.add(head + flat)
             continue
-        module = lookup[flat]
-        if module is None:
+        if flat in clashes:
             raise ValueError(f"{key}: more than one module of the model is named {flat!r} once '.' becomes '_'")
+        module = lookup[flat]
         if suffix == "alpha":
             alphas[module] = float(tensor.item())
         else:
             state[f"{module}.{_KOHYA_TO_PEFT[suffix]}"] = tensor
     if unknown:
-        raise ValueError(f"{len(unknown)} {prefix} keys name no module of this model, e.g. {sorted(unknown)[:3]}")
-    modules = {_split_peft(k)[0] for k in state}
-    for module in sorted(modules | alphas.keys()):
-        if f"{module}.lora_A.weight" not in state or f"{module}.lora_B.weight" not in state:
-            raise ValueError(f"{_kohya_name(prefix, module)}: needs both .lora_down.weight and .lora_up.weight")
+        raise ValueError(f"{len(unknown)} {prefix} LoRA modules are not in this model, e.g. {sorted(unknown)[:3]}")
+    orphans = sorted(alphas.keys() - _complete_modules(state, prefix))
+    if orphans:
+        raise ValueError(f"{_kohya_name(prefix, orphans[0])}: has an .alpha but no .lora_down / .lora_up weights")
+    for module in _complete_modules(state, prefix):
         alphas.setdefault(module, float(state[f"{module}.lora_A.weight"].shape[0]))
     return state, alphas
 
 
 def _kohya_name(prefix: str, module: str) -> str:
     return f"{prefix}_{module.replace('.', '_')}"
+
+
+def _complete_modules(state: dict[str, torch.Tensor], prefix: str) -> set[str]:
+    modules = {_split_peft(k)[0] for k in state}
+    for module in sorted(modules):
+        if f"{module}.lora_A.weight" not in state or f"{module}.lora_B.weight" not in state:
+            raise ValueError(f"{_kohya_name(prefix, module)}: needs both lora_down (lora_A) and lora_up (lora_B)")
+    return modules
 
 
 def _split_peft(key: str) -> tuple[str, str]:

@@ -9,6 +9,7 @@ from .base import Architecture, LoraTargets, SampleRequest
 # config `model.arch` (after alias/tag resolution) -> "module:Class"
 ARCHS: dict[str, str] = {
     "flux": "eridiffusion.archs.flux:Flux",
+    "sdxl": "eridiffusion.archs.sdxl:SDXL",
 }
 
 

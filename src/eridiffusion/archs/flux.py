@@ -56,8 +56,8 @@ class Flux:
     # ---- loading -------------------------------------------------------------------------------
     def load(self) -> None:
         root = require_diffusers_folder(self.model_cfg.name_or_path, COMPONENTS)
-        load = dict(torch_dtype=DTYPES[self.model_cfg.te_dtype], local_files_only=True)
-        vae_dtype = DTYPES[self.model_cfg.vae_dtype]
+        load = dict(torch_dtype=DTYPES[self.model_cfg.te_dtype or self.train_cfg.dtype], local_files_only=True)
+        vae_dtype = DTYPES[self.model_cfg.vae_dtype or self.train_cfg.dtype]
         self.attach(
             transformer=FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", torch_dtype=self.dtype,
                                                                local_files_only=True),

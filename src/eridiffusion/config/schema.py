@@ -349,8 +349,8 @@ class ModelConfig(Section):
     is_vega: bool = False
     is_v_pred: bool = False
     dtype: str = "float16"  # replaced by train.dtype, as ai-toolkit does
-    vae_dtype: str | None = None  # defaults to dtype
-    te_dtype: str | None = None  # defaults to dtype
+    vae_dtype: str | None = None  # unset: the architecture's choice (train.dtype, or fp32 for VAEs that overflow)
+    te_dtype: str | None = None  # unset: train.dtype
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     # regional torch.compile of the denoiser; unset: on where it pays off (CUDA with Triton), see train/loop.py
     compile: bool | None = None
@@ -483,8 +483,6 @@ class ProcessConfig(Section):
     def _resolve(self) -> ProcessConfig:
         model, train = self.model, self.train
         model.dtype = train.dtype
-        model.vae_dtype = model.vae_dtype or train.dtype
-        model.te_dtype = model.te_dtype or train.dtype
         for ds in self.datasets:
             ds.trigger_word = ds.trigger_word if ds.trigger_word is not None else self.trigger_word
             ds.batch_size = ds.batch_size or train.batch_size

@@ -1,0 +1,195 @@
+"""SDXL on diffusers' UNet2DConditionModel: DDPM noise (or v) prediction on 4-channel latents,
+conditioned on CLIP-L + OpenCLIP-G penultimate states, the pooled OpenCLIP-G embedding and the
+size/crop `time_ids` of each image. LoRA files in kohya's layout (`lora_unet_`, `lora_te1_`, `lora_te2_`)."""
+from __future__ import annotations
+
+import torch
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+from ..adapters.kohya import from_kohya, to_kohya
+from ..objectives import ddpm
+from ..objectives.flow import per_sample_mse
+from ..train.dtypes import DTYPES
+from .base import LoraTargets, SampleRequest
+from .common import folder_fingerprint, require_diffusers_folder
+
+# sample.sampler -> (diffusers scheduler, extra config); built from the model's own scheduler config
+SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
+    "ddpm": (DDPMScheduler, {}), "ddim": (DDIMScheduler, {}), "pndm": (PNDMScheduler, {}),
+    "lms": (LMSDiscreteScheduler, {}), "heun": (HeunDiscreteScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}), "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "dpmsolver": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver"}),
+    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpm++_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "k_dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+}
+NOISE_SCHEDULERS = ("ddpm", "ddim", "euler", "euler_a", "dpmsolver", "dpmsolver++", "lms", "pndm", "heun")
+FILE_PREFIXES = {"unet": "lora_unet", "te1": "lora_te1", "te2": "lora_te2"}
+TE_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+class SDXL:
+    base_model_version = "sdxl_1.0"
+    pipeline_cls = StableDiffusionXLPipeline
+    components = ["unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"]
+
+    def __init__(self, proc, device: torch.device, dtype: torch.dtype):
+        self.model_cfg, self.train_cfg, self.sample_cfg = proc.model, proc.train, proc.sample
+        self.device, self.dtype = device, dtype
+        tc = self.train_cfg
+        if tc.noise_scheduler not in NOISE_SCHEDULERS:
+            raise ValueError(f"train.noise_scheduler '{tc.noise_scheduler}': {type(self).__name__.lower()} is a "
+                             f"noise-prediction model; use one of {', '.join(NOISE_SCHEDULERS)} (they share DDPM noising)")
+        if self.sample_cfg is not None and self.sample_cfg.sampler not in SAMPLERS:
+            raise ValueError(f"sample.sampler '{self.sample_cfg.sampler}' is not supported yet (supported: {', '.join(SAMPLERS)})")
+        if tc.bypass_guidance_embedding:
+            raise ValueError("train.bypass_guidance_embedding applies to guidance-distilled flow models, not to UNets")
+
+    @staticmethod
+    def build_tiny(folder, **kw):
+        """A tiny random-weight model folder of this architecture, for tests and the demo."""
+        from .sdxl_tiny import build_tiny_sdxl
+
+        return build_tiny_sdxl(folder, **kw)
+
+    # ---- loading -------------------------------------------------------------------------------
+    def load(self) -> None:
+        root = require_diffusers_folder(self.model_cfg.name_or_path, self.components)
+        te_dtype = DTYPES[self.model_cfg.te_dtype or self.train_cfg.dtype]
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True)
+        # SDXL's VAE overflows in fp16: unless vae_dtype says otherwise it encodes in fp32 (force_upcast models)
+        vae_dtype = DTYPES[self.model_cfg.vae_dtype] if self.model_cfg.vae_dtype else (
+            torch.float32 if vae.config.force_upcast else self.dtype)
+        self.vae = vae.to(vae_dtype)
+        self.unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=self.dtype, local_files_only=True)
+        self.text_encoders, self.tokenizers = self.load_text(root, te_dtype)
+        scheduler = EulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
+        for m in (self.unet, self.vae, *self.text_encoders):
+            m.requires_grad_(False).eval().to(self.device)
+        self.pipe = self.make_pipeline(scheduler)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.noise_scheduler = ddpm.train_scheduler(dict(scheduler.config))
+        self.prediction_type = "v_prediction" if self.model_cfg.is_v_pred else scheduler.config.prediction_type
+        ddpm.check_prediction_type(self.prediction_type)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        # latents must halve cleanly at every UNet downsampling step; the pipelines want pixels divisible by 8
+        self.bucket_divisibility = max(8, self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1))
+        self.latent_fingerprint = folder_fingerprint(root / "vae", extra=f"{type(self).__name__}:{vae_dtype}")
+        self.text_fingerprint = folder_fingerprint(*(root / c for c in self.components if c.startswith(("text", "token"))),
+                                                   extra=f"{type(self).__name__}:{te_dtype}")
+        self.denoiser = self.unet
+
+    def load_text(self, root, te_dtype):
+        load = dict(torch_dtype=te_dtype, local_files_only=True)
+        encoders = [CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **load),
+                    CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2", **load)]
+        tokenizers = [AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True),
+                      AutoTokenizer.from_pretrained(root / "tokenizer_2", local_files_only=True)]
+        return encoders, tokenizers
+
+    def make_pipeline(self, scheduler):
+        (te1, te2), (tok1, tok2) = self.text_encoders, self.tokenizers
+        return StableDiffusionXLPipeline(vae=self.vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1,
+                                         tokenizer_2=tok2, unet=self.unet, scheduler=scheduler)
+
+    def drop_text_encoders(self) -> None:
+        for name in ("text_encoder", "text_encoder_2"):
+            if hasattr(self.pipe, name):
+                setattr(self.pipe, name, None)
+        self.text_encoders = []
+
+    def drop_vae_encoder(self) -> None:
+        self.vae.to("cpu")
+
+    # ---- conditioning --------------------------------------------------------------------------
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        with torch.no_grad():
+            latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        return ((latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).to(self.dtype)
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        with torch.set_grad_enabled(self.train_cfg.train_text_encoder and torch.is_grad_enabled()):
+            embeds, _, pooled, _ = self.pipe.encode_prompt(prompt=prompts, device=self.device, num_images_per_prompt=1,
+                                                          do_classifier_free_guidance=False)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    # ---- training ------------------------------------------------------------------------------
+    def training_loss(self, latents, text, batch, generator):
+        tc = self.train_cfg
+        latents = latents.to(self.device, self.dtype)
+        draw = ddpm.training_draw(self.noise_scheduler, latents, generator=generator, prediction_type=self.prediction_type,
+                                  content_or_style=tc.content_or_style, min_step=tc.min_denoising_steps,
+                                  max_step=tc.max_denoising_steps, noise_offset=tc.noise_offset,
+                                  snr_gamma=tc.snr_gamma, min_snr_gamma=tc.min_snr_gamma)
+        # SDXL's micro-conditioning: what the data pipeline really did to each image
+        time_ids = torch.tensor([[*o, *c, *t] for o, c, t in zip(batch.original_sizes, batch.crop_top_lefts, batch.target_sizes)],
+                                device=self.device, dtype=self.dtype)
+        pred = self.unet(draw.noisy, draw.timesteps, encoder_hidden_states=text["prompt_embeds"].to(self.device),
+                         added_cond_kwargs={"text_embeds": text["pooled_prompt_embeds"].to(self.device), "time_ids": time_ids},
+                         return_dict=False)[0]
+        return per_sample_mse(pred, draw.target) * draw.weight
+
+    # ---- LoRA ----------------------------------------------------------------------------------
+    def lora_components(self, transformer_only: bool, train_text_encoder: bool) -> dict[str, LoraTargets]:
+        named = list(self.unet.named_modules())
+        # add_embedding is left out: diffusers' kohya reader folds its two layers onto one name
+        linear = [n for n, m in named if isinstance(m, torch.nn.Linear) and not n.startswith("add_embedding")
+                  and (".attentions." in n or not transformer_only)]
+        conv = [n for n, m in named if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)
+                and n.startswith(("down_blocks.", "mid_block.", "up_blocks."))]
+        targets = {"unet": LoraTargets(self.unet, linear, conv)}
+        if train_text_encoder:
+            for key, te in zip(("te1", "te2"), self.text_encoders):
+                names = [n for n, m in te.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(TE_LINEARS)]
+                targets[key] = LoraTargets(te, names, [])
+        return targets
+
+    def lora_modules(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.unet, **dict(zip(("te1", "te2"), self.text_encoders))}
+
+    def file_prefix(self, key: str) -> str:
+        # kohya names CLIP layers `text_model.encoder...`; transformers 5 dropped `text_model.` from CLIPTextModel
+        module = self.lora_modules()[key]
+        return FILE_PREFIXES[key] + ("_text_model" if key != "unet" and not hasattr(module, "text_model") else "")
+
+    def lora_to_file(self, states):
+        tensors = {}
+        for key, state in states.items():
+            alphas = {k[: -len(".alpha")]: float(v) for k, v in state.items() if k.endswith(".alpha")}
+            weights = {k: v for k, v in state.items() if not k.endswith(".alpha")}
+            tensors.update(to_kohya(weights, alphas, self.file_prefix(key)))
+        return tensors
+
+    def lora_from_file(self, tensors):
+        states = {}
+        for key, module in self.lora_modules().items():
+            state, alphas = from_kohya(tensors, [n for n, _ in module.named_modules()], self.file_prefix(key))
+            if state:
+                states[key] = {**state, **{f"{m}.alpha": torch.tensor(a) for m, a in alphas.items()}}
+        return states
+
+    # ---- previews ------------------------------------------------------------------------------
+    def generate(self, request: SampleRequest):
+        cls, extra = SAMPLERS[self.sample_cfg.sampler if self.sample_cfg else "euler"]
+        self.pipe.scheduler = cls.from_config(self.pipe.scheduler.config, **extra,
+                                              prediction_type=self.prediction_type)
+        home = self.vae.device
+        self.vae.to(self.device)
+        neg = request.neg_text or {}
+        try:
+            with torch.no_grad():
+                return self.pipe(
+                    prompt_embeds=request.text["prompt_embeds"].to(self.device),
+                    pooled_prompt_embeds=request.text["pooled_prompt_embeds"].to(self.device),
+                    negative_prompt_embeds=neg.get("prompt_embeds"), negative_pooled_prompt_embeds=neg.get("pooled_prompt_embeds"),
+                    width=request.width, height=request.height, num_inference_steps=request.steps,
+                    guidance_scale=request.guidance_scale, generator=torch.Generator(self.device).manual_seed(request.seed),
+                ).images[0]
+        finally:
+            self.vae.to(home)

@@ -1,0 +1,171 @@
+"""Tiny tokenizers and text-encoder configs for the tiny random model folders (`*_tiny.py`).
+
+Every tokenizer here is built from a short built-in text, without a download, and saves in the
+same on-disk format as the released one it stands in for.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import string
+from collections import Counter
+from pathlib import Path
+
+# Caption-like English, so the tiny tokenizers split typical prompts into a few real pieces.
+CORPUS = """\
+a photo of a cat sitting on a red chair. a photo of a dog in the park.
+a red circle on a blue background. a green square on a yellow background.
+a blue triangle on a white background. a purple star on a black background.
+an orange ring and a small pink dot. two shapes, one large and one small.
+a painting of a house by the sea, in the style of [trigger].
+the quick brown fox jumps over the lazy dog. a close-up portrait of a woman smiling.
+a landscape with mountains, trees and a river at sunset. a city street at night with lights.
+high quality, detailed, sharp focus, soft light, 4k, 35mm film.
+"""
+
+CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
+_CLIP_MERGES = 300
+_T5_EXTRA_IDS = 100
+
+
+def tiny_clip_tokenizer(*, pad_token: str = CLIP_EOS):
+    """A CLIP tokenizer (77 tokens) over a byte-level BPE vocabulary learned from CORPUS.
+
+    OpenAI's CLIP pads with its end token; OpenCLIP's (SDXL's `tokenizer_2`) pads with "!".
+    """
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_bpe()
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token=pad_token)
+
+
+def write_clip_tokenizer(folder: Path, tokenizer) -> None:
+    """Swap the tokenizer.json that `save_pretrained` wrote into `folder` for the vocab.json +
+    merges.txt layout of the released SD/SDXL/FLUX.1 tokenizer folders, so a tiny folder goes
+    through the same loading path as a real one."""
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    vocab = dict(sorted(model["vocab"].items(), key=lambda item: item[1]))
+    (folder / "tokenizer.json").unlink()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    lines = "".join(f"{a} {b}\n" for a, b in model["merges"])
+    (folder / "merges.txt").write_text("#version: 0.2\n" + lines, encoding="utf-8")
+    special = {name: str(getattr(tokenizer, name)) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
+
+
+def tiny_clip_text_config(tokenizer, **overrides):
+    """A 2-layer CLIP text config of width 32 (projection 32) for `tokenizer`'s vocabulary and
+    special ids. Two layers, so that the penultimate hidden state SD/SDXL read is a real layer."""
+    from transformers import CLIPTextConfig
+
+    config = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        projection_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextConfig(**{**config, **overrides})
+
+
+def _clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP-style byte-level BPE vocabulary learned from CORPUS.
+
+    The ids follow CLIP's order: bytes, bytes + "</w>", merges, then the two special tokens.
+    The merges are learned here rather than by `tokenizers`' BpeTrainer, whose tie-breaking
+    changes from run to run.
+    """
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    backend = CLIPTokenizer().backend_tokenizer  # CLIP's own normaliser and pre-tokeniser
+    words: Counter[tuple[str, ...]] = Counter()
+    for line in CORPUS.splitlines():
+        for piece, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(line)):
+            words[(*piece[:-1], piece[-1] + "</w>")] += 1
+
+    merges: list[tuple[str, str]] = []
+    for _ in range(_CLIP_MERGES):
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        words = Counter({_merge_pair(word, best): count for word, count in words.items()})
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for token in [*alphabet, *(a + "</w>" for a in alphabet), *("".join(m) for m in merges), CLIP_BOS, CLIP_EOS]:
+        vocab.setdefault(token, len(vocab))
+    return vocab, merges
+
+
+def _merge_pair(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out: list[str] = []
+    i = 0
+    while i < len(word):
+        if word[i : i + 2] == pair:
+            out.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+def tiny_t5_tokenizer():
+    """A T5 Unigram tokenizer (512 tokens) over the CORPUS words plus single characters.
+
+    Ids follow T5's layout: <pad>=0, </s>=1, <unk>=2, the pieces, then <extra_id_99>..<extra_id_0>.
+    Word scores are log-frequencies; characters score far lower so that known words stay whole
+    and unknown ones fall back to characters.
+    """
+    from transformers import T5Tokenizer
+
+    counts = Counter(re.findall(r"\w+|[^\w\s]", CORPUS))
+    total = sum(counts.values())
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    for word, n in sorted(counts.items(), key=lambda wn: (-wn[1], wn[0])):
+        pieces.append(("▁" + word, math.log(n / total)))
+        if len(word) > 1:  # the same word inside a longer one, e.g. "[trigger]" -> "▁[", "trigger", "]"
+            pieces.append((word, math.log(n / total) - 1.0))
+    floor = math.log(1 / total) - 10.0
+    pieces += [(c, floor) for c in string.printable if not c.isspace()]
+    pieces += [(f"<extra_id_{i}>", 0.0) for i in reversed(range(_T5_EXTRA_IDS))]
+    return T5Tokenizer(vocab=pieces, extra_ids=_T5_EXTRA_IDS, model_max_length=512)
+
+
+def tiny_sentencepiece_model(vocab_size: int = 512) -> bytes:
+    """A serialised SentencePiece BPE model (a `tokenizer.model` file) trained on CORPUS.
+
+    <unk>=0, <s>=1, </s>=2, the 256 byte pieces, then the learned pieces, in which CORPUS words
+    are whole: byte fallback lets any other text, Chinese included, encode without <unk>.
+    One thread and identity normalisation keep the file small and the same on every run.
+    """
+    import sentencepiece as spm
+
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS.splitlines()),
+        model_writer=out,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        num_threads=1,
+        minloglevel=2,
+    )
+    return out.getvalue()
