@@ -1,4 +1,4 @@
-"""Shared fixtures: one tiny random-weight Flux folder for the session, and a config writer."""
+"""Shared fixtures: tiny random-weight model folders for the session, a dataset, and a config writer."""
 from __future__ import annotations
 
 import shutil
@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from eridiffusion.archs.flux_tiny import build_tiny_flux
+from eridiffusion.archs.sdxl_tiny import build_tiny_sdxl
 from eridiffusion.demo import DEMO_DATA_DIR
 
 
@@ -21,12 +22,22 @@ def tiny_flux_schnell(tmp_path_factory) -> Path:
     return build_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux-schnell", guidance_embeds=False)
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_v(tmp_path_factory) -> Path:
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl-v", prediction_type="v_prediction")
+
+
 @pytest.fixture
 def dataset(tmp_path) -> Path:
     return Path(shutil.copytree(DEMO_DATA_DIR, tmp_path / "dataset"))
 
 
-def flux_config(model_dir: Path, data_dir: Path, out: Path, *, name="test_lora", steps=6, **overrides) -> dict:
+def train_config(model_dir: Path, data_dir: Path, out: Path, *, arch="flux", name="test_lora", steps=6, **overrides) -> dict:
     """A small ai-toolkit-style config; `overrides` maps section -> dict of keys to update."""
     proc = {
         "type": "sd_trainer", "training_folder": str(out), "device": "cpu", "trigger_word": "shp3s",
@@ -37,7 +48,7 @@ def flux_config(model_dir: Path, data_dir: Path, out: Path, *, name="test_lora",
                       "cache_latents_to_disk": True}],
         "train": {"batch_size": 2, "steps": steps, "lr": 1e-3, "optimizer": "adamw", "dtype": "fp32",
                   "cache_text_embeddings": True},
-        "model": {"name_or_path": str(model_dir), "is_flux": True},
+        "model": {"name_or_path": str(model_dir), "arch": arch},
         "sample": {"sample_every": 1000, "width": 32, "height": 32, "sample_steps": 2,
                    "prompts": ["[trigger] a red circle"]},
     }

@@ -11,7 +11,7 @@ from eridiffusion.archs import ARCHS, SampleRequest, get_arch_class
 from eridiffusion.config import parse_config
 from eridiffusion.data import Batch
 
-from .conftest import flux_config
+from .conftest import train_config
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHS))
@@ -19,7 +19,7 @@ def arch(request, tmp_path_factory):
     name = request.param
     cls = get_arch_class(name)
     folder = cls.build_tiny(tmp_path_factory.mktemp(name) / "model")
-    cfg = flux_config(folder, folder, folder, model={"name_or_path": str(folder), "arch": name})
+    cfg = train_config(folder, folder, folder, model={"name_or_path": str(folder), "arch": name})
     arch = cls(parse_config(cfg).config.process[0], torch.device("cpu"), torch.float32)
     arch.load()
     params = []

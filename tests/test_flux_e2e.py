@@ -14,7 +14,7 @@ from eridiffusion import cli
 from eridiffusion.adapters import LoraSpec, inject_lora, load_lora_state
 from eridiffusion.train.checkpoint import latest_state, load_state
 
-from .conftest import flux_config
+from .conftest import train_config
 
 
 def read_log(run_dir):
@@ -23,7 +23,7 @@ def read_log(run_dir):
 
 def test_cli_trains_and_writes_the_run_folder(tiny_flux, dataset, tmp_path, write_config):
     out = tmp_path / "out"
-    assert cli.main([str(write_config(flux_config(tiny_flux, dataset, out)))]) == 0
+    assert cli.main([str(write_config(train_config(tiny_flux, dataset, out)))]) == 0
     run = out / "test_lora"
     assert (run / "config.yaml").is_file()
     assert (run / "test_lora.safetensors").is_file() and (run / "test_lora_000000003.safetensors").is_file()
@@ -36,7 +36,7 @@ def test_cli_trains_and_writes_the_run_folder(tiny_flux, dataset, tmp_path, writ
 
 
 def test_loss_falls_over_a_hundred_steps(tiny_flux, dataset, tmp_path, write_config):
-    cfg = flux_config(tiny_flux, dataset, tmp_path / "out", steps=100, save={"save_every": 1000},
+    cfg = train_config(tiny_flux, dataset, tmp_path / "out", steps=100, save={"save_every": 1000},
                       train={"lr": 2e-3, "timestep_type": "linear"}, sample={"sample_every": 1000, "prompts": []})
     assert cli.main([str(write_config(cfg))]) == 0
     losses = [r["loss"] for r in read_log(tmp_path / "out" / "test_lora")]
@@ -47,7 +47,7 @@ def test_loss_falls_over_a_hundred_steps(tiny_flux, dataset, tmp_path, write_con
 def test_saved_lora_loads_in_diffusers_and_matches_the_trainer(tiny_flux, dataset, tmp_path, write_config, caplog):
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
-    cfg = flux_config(tiny_flux, dataset, tmp_path / "out", steps=8, network={"linear": 4, "linear_alpha": 2})
+    cfg = train_config(tiny_flux, dataset, tmp_path / "out", steps=8, network={"linear": 4, "linear_alpha": 2})
     assert cli.main([str(write_config(cfg))]) == 0
     run = tmp_path / "out" / "test_lora"
     file = run / "test_lora.safetensors"
@@ -87,11 +87,11 @@ def modules_of(saved):
 
 
 def test_run_continues_from_its_last_checkpoint(tiny_flux, dataset, tmp_path, write_config):
-    straight = flux_config(tiny_flux, dataset, tmp_path / "a", steps=6)
+    straight = train_config(tiny_flux, dataset, tmp_path / "a", steps=6)
     assert cli.main([str(write_config(straight, "a.yaml"))]) == 0
     # the same run stopped after 3 steps, then started again with the full length
-    assert cli.main([str(write_config(flux_config(tiny_flux, dataset, tmp_path / "b", steps=3), "b1.yaml"))]) == 0
-    assert cli.main([str(write_config(flux_config(tiny_flux, dataset, tmp_path / "b", steps=6), "b2.yaml"))]) == 0
+    assert cli.main([str(write_config(train_config(tiny_flux, dataset, tmp_path / "b", steps=3), "b1.yaml"))]) == 0
+    assert cli.main([str(write_config(train_config(tiny_flux, dataset, tmp_path / "b", steps=6), "b2.yaml"))]) == 0
     a = load_file(tmp_path / "a" / "test_lora" / "test_lora.safetensors")
     b = load_file(tmp_path / "b" / "test_lora" / "test_lora.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -99,8 +99,8 @@ def test_run_continues_from_its_last_checkpoint(tiny_flux, dataset, tmp_path, wr
 
 
 def test_resume_refuses_a_changed_rank(tiny_flux, dataset, tmp_path, write_config, capsys):
-    assert cli.main([str(write_config(flux_config(tiny_flux, dataset, tmp_path / "o", steps=3), "a.yaml"))]) == 0
-    changed = flux_config(tiny_flux, dataset, tmp_path / "o", steps=6, network={"linear": 8})
+    assert cli.main([str(write_config(train_config(tiny_flux, dataset, tmp_path / "o", steps=3), "a.yaml"))]) == 0
+    changed = train_config(tiny_flux, dataset, tmp_path / "o", steps=6, network={"linear": 8})
     assert cli.main([str(write_config(changed, "b.yaml"))]) == 1
     assert "rank" in capsys.readouterr().err
 
@@ -108,15 +108,14 @@ def test_resume_refuses_a_changed_rank(tiny_flux, dataset, tmp_path, write_confi
 @pytest.mark.parametrize("variant", ["schnell", "flex"])
 def test_variants_train(variant, tiny_flux, tiny_flux_schnell, dataset, tmp_path, write_config):
     model = tiny_flux_schnell if variant == "schnell" else tiny_flux
-    extra = {"train": {"bypass_guidance_embedding": True}, "model": {"name_or_path": str(model), "arch": "flex1"}} \
-        if variant == "flex" else {}
-    cfg = flux_config(model, dataset, tmp_path / "out", steps=2, **extra)
+    extra = {"train": {"bypass_guidance_embedding": True}, "arch": "flex1"} if variant == "flex" else {}
+    cfg = train_config(model, dataset, tmp_path / "out", steps=2, **extra)
     assert cli.main([str(write_config(cfg))]) == 0
     assert (tmp_path / "out" / "test_lora" / "test_lora.safetensors").is_file()
 
 
 def test_config_typo_is_a_clear_error(tiny_flux, dataset, tmp_path, write_config, capsys):
-    cfg = flux_config(tiny_flux, dataset, tmp_path / "out", train={"lrr": 1e-4})
+    cfg = train_config(tiny_flux, dataset, tmp_path / "out", train={"lrr": 1e-4})
     assert cli.main([str(write_config(cfg))]) == 1
     err = capsys.readouterr().err
     assert "train.lrr" in err and "did you mean 'lr'" in err
@@ -125,7 +124,7 @@ def test_config_typo_is_a_clear_error(tiny_flux, dataset, tmp_path, write_config
 def test_cuda_device_without_cuda_is_a_clear_error(tiny_flux, dataset, tmp_path, write_config, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    cfg = flux_config(tiny_flux, dataset, tmp_path / "out")
+    cfg = train_config(tiny_flux, dataset, tmp_path / "out")
     cfg["config"]["process"][0]["device"] = "cuda:0"
     assert cli.main([str(write_config(cfg))]) == 1
     assert "CUDA is not available" in capsys.readouterr().err
@@ -136,7 +135,7 @@ def test_missing_model_file_is_named(tiny_flux, dataset, tmp_path, write_config,
 
     broken = shutil.copytree(tiny_flux, tmp_path / "broken")
     (broken / "vae" / "config.json").unlink()
-    assert cli.main([str(write_config(flux_config(broken, dataset, tmp_path / "out")))]) == 1
+    assert cli.main([str(write_config(train_config(broken, dataset, tmp_path / "out")))]) == 1
     assert str(broken / "vae" / "config.json") in capsys.readouterr().err
 
 
@@ -145,7 +144,7 @@ def test_bypass_guidance_embedding_ignores_guidance(tiny_flux, dataset, tmp_path
     from eridiffusion.config import parse_config
 
     def prediction(bypass: bool, cfg_scale: float):
-        cfg = flux_config(tiny_flux, dataset, tmp_path, train={"bypass_guidance_embedding": bypass, "cfg_scale": cfg_scale})
+        cfg = train_config(tiny_flux, dataset, tmp_path, train={"bypass_guidance_embedding": bypass, "cfg_scale": cfg_scale})
         arch = Flux(parse_config(cfg).config.process[0], torch.device("cpu"), torch.float32)
         arch.load()
         g = torch.Generator().manual_seed(0)
@@ -159,7 +158,7 @@ def test_bypass_guidance_embedding_ignores_guidance(tiny_flux, dataset, tmp_path
 
 
 def test_lr_schedule_with_warmup(tiny_flux, dataset, tmp_path, write_config):
-    cfg = flux_config(tiny_flux, dataset, tmp_path / "out", steps=6,
+    cfg = train_config(tiny_flux, dataset, tmp_path / "out", steps=6,
                       train={"lr_scheduler": "cosine", "lr_scheduler_params": {"num_warmup_steps": 2}})
     assert cli.main([str(write_config(cfg))]) == 0
     lrs = [r["lr"] for r in read_log(tmp_path / "out" / "test_lora")]
@@ -167,7 +166,7 @@ def test_lr_schedule_with_warmup(tiny_flux, dataset, tmp_path, write_config):
 
 
 def test_gradient_accumulation_and_start_step(tiny_flux, dataset, tmp_path, write_config):
-    cfg = flux_config(tiny_flux, dataset, tmp_path / "out", steps=6, train={"gradient_accumulation_steps": 2, "start_step": 4})
+    cfg = train_config(tiny_flux, dataset, tmp_path / "out", steps=6, train={"gradient_accumulation_steps": 2, "start_step": 4})
     assert cli.main([str(write_config(cfg))]) == 0
     run = tmp_path / "out" / "test_lora"
     assert [r["step"] for r in read_log(run)] == [5, 6]
@@ -178,7 +177,7 @@ def test_gradient_accumulation_and_start_step(tiny_flux, dataset, tmp_path, writ
 def test_adamw8bit_without_cuda_is_a_clear_error(tiny_flux, dataset, tmp_path, write_config, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    cfg = flux_config(tiny_flux, dataset, tmp_path / "out", train={"optimizer": "adamw8bit"})
+    cfg = train_config(tiny_flux, dataset, tmp_path / "out", train={"optimizer": "adamw8bit"})
     assert cli.main([str(write_config(cfg))]) == 1
     assert "adamw8bit" in capsys.readouterr().err
 
@@ -187,8 +186,7 @@ def test_compiled_model_trains_like_the_eager_one(tiny_flux, dataset, tmp_path, 
     losses = {}
     for compiled in (False, True):
         out = tmp_path / str(compiled)
-        cfg = flux_config(tiny_flux, dataset, out, steps=3, model={"name_or_path": str(tiny_flux), "is_flux": True,
-                                                                   "compile": compiled}, sample={"prompts": []})
+        cfg = train_config(tiny_flux, dataset, out, steps=3, model={"compile": compiled}, sample={"prompts": []})
         assert cli.main([str(write_config(cfg, f"{compiled}.yaml"))]) == 0
         losses[compiled] = [r["loss"] for r in read_log(out / "test_lora")]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)

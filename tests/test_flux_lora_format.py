@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from eridiffusion import cli
 
-from .conftest import flux_config
+from .conftest import train_config
 
 COMFY_DOUBLE = {"attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
                 "attn.to_out.0", "attn.to_add_out", "norm1.linear", "norm1_context.linear", "ff.net.0.proj",
@@ -30,7 +30,7 @@ def comfy_maps(module: str) -> bool:
 
 
 def train_file(tiny_flux, dataset, tmp_path, write_config, **network):
-    cfg = flux_config(tiny_flux, dataset, tmp_path / "out", steps=2, network={"linear": 4, "linear_alpha": 2, **network})
+    cfg = train_config(tiny_flux, dataset, tmp_path / "out", steps=2, network={"linear": 4, "linear_alpha": 2, **network})
     assert cli.main([str(write_config(cfg))]) == 0
     return load_file(tmp_path / "out" / "test_lora" / "test_lora.safetensors")
 
@@ -69,7 +69,7 @@ def test_only_and_ignore_if_contains(tiny_flux, dataset, tmp_path, write_config)
 def test_save_dtype_and_metadata(tiny_flux, dataset, tmp_path, write_config):
     from safetensors import safe_open
 
-    cfg = flux_config(tiny_flux, dataset, tmp_path / "out", steps=2, save={"dtype": "bf16"})
+    cfg = train_config(tiny_flux, dataset, tmp_path / "out", steps=2, save={"dtype": "bf16"})
     assert cli.main([str(write_config(cfg))]) == 0
     with safe_open(tmp_path / "out" / "test_lora" / "test_lora.safetensors", "pt") as f:
         meta = f.metadata()

@@ -61,11 +61,11 @@ class SDXL:
     def load(self) -> None:
         root = require_diffusers_folder(self.model_cfg.name_or_path, self.components)
         te_dtype = DTYPES[self.model_cfg.te_dtype or self.train_cfg.dtype]
-        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True)
         # SDXL's VAE overflows in fp16: unless vae_dtype says otherwise it encodes in fp32 (force_upcast models)
+        force_upcast = AutoencoderKL.load_config(root, subfolder="vae", local_files_only=True).get("force_upcast", False)
         vae_dtype = DTYPES[self.model_cfg.vae_dtype] if self.model_cfg.vae_dtype else (
-            torch.float32 if vae.config.force_upcast else self.dtype)
-        self.vae = vae.to(vae_dtype)
+            torch.float32 if force_upcast else self.dtype)
+        self.vae = AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True, torch_dtype=vae_dtype)
         self.unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=self.dtype, local_files_only=True)
         self.text_encoders, self.tokenizers = self.load_text(root, te_dtype)
         scheduler = EulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
