@@ -121,3 +121,31 @@ def test_flow_settings_are_refused_for_sdxl(tiny_sdxl, dataset, tmp_path, write_
     cfg = train_config(tiny_sdxl, dataset, tmp_path / "out", arch="sdxl", train={"noise_scheduler": "flowmatch"})
     assert cli.main([str(write_config(cfg))]) == 1
     assert "noise-prediction model" in capsys.readouterr().err
+
+
+def test_kolors_trains_and_its_file_loads_in_diffusers(tmp_path_factory, dataset, tmp_path, write_config):
+    from diffusers import KolorsPipeline
+
+    from eridiffusion.archs.kolors_tiny import build_tiny_kolors
+
+    model = build_tiny_kolors(tmp_path_factory.mktemp("models") / "tiny-kolors")
+    cfg = train_config(model, dataset, tmp_path / "out", arch="kolors", steps=4, sample=SAMPLE, train={"lr": 1e-2})
+    assert cli.main([str(write_config(cfg))]) == 0
+    run = tmp_path / "out" / "test_lora"
+    saved = load_file(run / "test_lora.safetensors")
+    assert saved and all(k.startswith("lora_unet_") for k in saved)
+    assert len(list((run / "samples").iterdir())) == 2
+
+    pipe = KolorsPipeline.from_pretrained(model, local_files_only=True)
+    pipe.load_lora_weights(run / "test_lora.safetensors")
+    state = load_state(latest_state(run))["lora"]["unet"]
+    ours = UNet2DConditionModel.from_pretrained(model, subfolder="unet", local_files_only=True)
+    inject_lora(ours, sorted({k.rsplit(".lora_", 1)[0] for k in state}), LoraSpec(rank=4, alpha=8))
+    load_lora_state(ours, state)
+    g = torch.Generator().manual_seed(0)
+    kw = dict(sample=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([500]),
+              encoder_hidden_states=torch.randn(1, 16, 32, generator=g),
+              added_cond_kwargs={"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.tensor([[32., 32, 0, 0, 32, 32]])},
+              return_dict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(**kw)[0], ours(**kw)[0], atol=1e-5, rtol=1e-5)

@@ -10,6 +10,7 @@ from .base import Architecture, LoraTargets, SampleRequest
 ARCHS: dict[str, str] = {
     "flux": "eridiffusion.archs.flux:Flux",
     "sdxl": "eridiffusion.archs.sdxl:SDXL",
+    "kolors": "eridiffusion.archs.kolors:Kolors",
 }
 
 

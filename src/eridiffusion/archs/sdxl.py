@@ -30,13 +30,13 @@ SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
 }
 NOISE_SCHEDULERS = ("ddpm", "ddim", "euler", "euler_a", "dpmsolver", "dpmsolver++", "lms", "pndm", "heun")
 FILE_PREFIXES = {"unet": "lora_unet", "te1": "lora_te1", "te2": "lora_te2"}
-TE_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+TE_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # kohya's CLIP targets
 
 
 class SDXL:
     base_model_version = "sdxl_1.0"
-    pipeline_cls = StableDiffusionXLPipeline
     components = ["unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"]
+    te_keys, te_linears = ("te1", "te2"), TE_LINEARS
 
     def __init__(self, proc, device: torch.device, dtype: torch.dtype):
         self.model_cfg, self.train_cfg, self.sample_cfg = proc.model, proc.train, proc.sample
@@ -83,6 +83,7 @@ class SDXL:
         self.text_fingerprint = folder_fingerprint(*(root / c for c in self.components if c.startswith(("text", "token"))),
                                                    extra=f"{type(self).__name__}:{te_dtype}")
         self.denoiser = self.unet
+        self.unconditional = {}  # an empty negative prompt: SDXL's pipeline uses zeros (force_zeros_for_empty_prompt)
 
     def load_text(self, root, te_dtype):
         load = dict(torch_dtype=te_dtype, local_files_only=True)
@@ -145,13 +146,13 @@ class SDXL:
                 and n.startswith(("down_blocks.", "mid_block.", "up_blocks."))]
         targets = {"unet": LoraTargets(self.unet, linear, conv)}
         if train_text_encoder:
-            for key, te in zip(("te1", "te2"), self.text_encoders):
-                names = [n for n, m in te.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(TE_LINEARS)]
+            for key, te in zip(self.te_keys, self.text_encoders):
+                names = [n for n, m in te.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(self.te_linears)]
                 targets[key] = LoraTargets(te, names, [])
         return targets
 
     def lora_modules(self) -> dict[str, torch.nn.Module]:
-        return {"unet": self.unet, **dict(zip(("te1", "te2"), self.text_encoders))}
+        return {"unet": self.unet, **dict(zip(self.te_keys, self.text_encoders))}
 
     def file_prefix(self, key: str) -> str:
         # kohya names CLIP layers `text_model.encoder...`; transformers 5 dropped `text_model.` from CLIPTextModel
@@ -181,7 +182,7 @@ class SDXL:
                                               prediction_type=self.prediction_type)
         home = self.vae.device
         self.vae.to(self.device)
-        neg = request.neg_text or {}
+        neg = request.neg_text or self.unconditional
         try:
             with torch.no_grad():
                 return self.pipe(
