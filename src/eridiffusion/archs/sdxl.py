@@ -65,24 +65,31 @@ class SDXL:
         force_upcast = AutoencoderKL.load_config(root, subfolder="vae", local_files_only=True).get("force_upcast", False)
         vae_dtype = DTYPES[self.model_cfg.vae_dtype] if self.model_cfg.vae_dtype else (
             torch.float32 if force_upcast else self.dtype)
-        self.vae = AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True, torch_dtype=vae_dtype)
-        self.unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=self.dtype, local_files_only=True)
-        self.text_encoders, self.tokenizers = self.load_text(root, te_dtype)
-        scheduler = EulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
-        for m in (self.unet, self.vae, *self.text_encoders):
-            m.requires_grad_(False).eval().to(self.device)
-        self.pipe = self.make_pipeline(scheduler)
-        self.pipe.set_progress_bar_config(disable=True)
-        self.noise_scheduler = ddpm.train_scheduler(dict(scheduler.config))
-        self.prediction_type = "v_prediction" if self.model_cfg.is_v_pred else scheduler.config.prediction_type
-        ddpm.check_prediction_type(self.prediction_type)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        # latents must halve cleanly at every UNet downsampling step; the pipelines want pixels divisible by 8
-        self.bucket_divisibility = max(8, self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1))
+        text_encoders, tokenizers = self.load_text(root, te_dtype)
+        self.attach(unet=UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=self.dtype, local_files_only=True),
+                    scheduler=EulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True),
+                    vae=AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True, torch_dtype=vae_dtype),
+                    text_encoders=text_encoders, tokenizers=tokenizers)
         self.latent_fingerprint = folder_fingerprint(root / "vae", extra=f"{type(self).__name__}:{vae_dtype}")
         self.text_fingerprint = folder_fingerprint(*(root / c for c in self.components if c.startswith(("text", "token"))),
                                                    extra=f"{type(self).__name__}:{te_dtype}")
-        self.denoiser = self.unet
+
+    def attach(self, *, unet, scheduler, vae=None, text_encoders=(), tokenizers=()) -> None:
+        """Take loaded components (from `load()`, or built in memory by a benchmark) and place them."""
+        self.unet, self.vae, self.text_encoders, self.tokenizers = unet, vae, list(text_encoders), list(tokenizers)
+        for m in (unet, vae, *self.text_encoders):
+            if m is not None:
+                m.requires_grad_(False).eval().to(self.device)
+        self.pipe = self.make_pipeline(scheduler) if vae is not None else None
+        if self.pipe is not None:
+            self.pipe.set_progress_bar_config(disable=True)
+        self.noise_scheduler = ddpm.train_scheduler(dict(scheduler.config))
+        self.prediction_type = "v_prediction" if self.model_cfg.is_v_pred else scheduler.config.prediction_type
+        ddpm.check_prediction_type(self.prediction_type)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        # latents must halve cleanly at every UNet downsampling step; the pipelines want pixels divisible by 8
+        self.bucket_divisibility = max(8, self.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1))
+        self.denoiser = unet
         self.unconditional = {}  # an empty negative prompt: SDXL's pipeline uses zeros (force_zeros_for_empty_prompt)
 
     def load_text(self, root, te_dtype):

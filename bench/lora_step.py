@@ -1,0 +1,105 @@
+"""Our LoRA training step on full-size FLUX.1 or SDXL (random weights, 1024x1024, rank 16, gradient
+checkpointing, bf16, AdamW, cached latents and text embeddings), timed as ../shared/bench/reference_step.py
+times its step: 2 warm-up steps (4 when compiled), then the mean of 8, peak memory after the warm-up.
+Run both in one device call and compare ratios.
+
+  PYTHONPATH=src python3 bench/lora_step.py {flux|sdxl} [--bs N] [--eager]
+
+By default the step is what a run does with `model.compile` unset: on CUDA with Triton, regional
+torch.compile of the repeated blocks. `--eager` measures `model.compile: false`.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from eridiffusion.adapters import LoraSpec, inject_lora
+from eridiffusion.archs import get_arch_class
+from eridiffusion.config import parse_config
+from eridiffusion.data import Batch
+from eridiffusion.train.compile import compile_denoiser, want_compile
+from eridiffusion.train.loop import Stepper
+from eridiffusion.train.optim import build_optimizer, build_scheduler
+
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention backward fails on Flux shapes (torch 2.11 + CUDA 13)
+
+
+def build(arch_name, arch, dev, bs):
+    """The full-size denoiser with random weights, its scheduler, and one batch of latents/text."""
+    g = torch.Generator(dev).manual_seed(0)
+    r = lambda *s: torch.randn(*s, device=dev, dtype=torch.bfloat16, generator=g)
+    torch.set_default_dtype(torch.bfloat16)
+    with dev:
+        if arch_name == "flux":
+            from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+            model = FluxTransformer2DModel(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+                                           joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                                           axes_dims_rope=(16, 56, 56))
+            scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+            latents, text = r(bs, 16, 128, 128), {"prompt_embeds": r(bs, 512, 4096), "pooled_prompt_embeds": r(bs, 768)}
+        else:
+            from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+
+            model = UNet2DConditionModel(
+                sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2048,
+                transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+            scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+            latents, text = r(bs, 4, 128, 128), {"prompt_embeds": r(bs, 77, 2048), "pooled_prompt_embeds": r(bs, 1280)}
+    torch.set_default_dtype(torch.float32)
+    arch.attach(**{"transformer" if arch_name == "flux" else "unet": model}, scheduler=scheduler)
+    batch = Batch(pixels=None, latents=latents, captions=[""] * bs, text=text, original_sizes=[(1024, 1024)] * bs,
+                  crop_top_lefts=[(0, 0)] * bs, target_sizes=[(1024, 1024)] * bs, paths=[], loss_weights=torch.ones(bs))
+    return model, batch
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("arch", choices=["flux", "sdxl"])
+    ap.add_argument("--bs", type=int, default=1)
+    ap.add_argument("--eager", action="store_true")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    cfg = {"job": "extension", "config": {"name": "bench", "process": [{
+        "type": "sd_trainer", "device": "cuda:0", "network": {"type": "lora", "linear": 16, "linear_alpha": 16},
+        "datasets": [{"folder_path": "unused"}], "model": {"name_or_path": "unused", "arch": args.arch},
+        "train": {"batch_size": args.bs, "lr": 1e-4, "optimizer": "adamw", "dtype": "bf16", "gradient_checkpointing": True}}]}}
+    proc = parse_config(cfg).config.process[0]
+    arch = get_arch_class(args.arch)(proc, dev, torch.bfloat16)
+    model, batch = build(args.arch, arch, dev, args.bs)
+    params = []
+    for t in arch.lora_components(transformer_only=True, train_text_encoder=False).values():
+        params += inject_lora(t.module, t.linear, LoraSpec(rank=16, alpha=16), seed=0)
+    model.enable_gradient_checkpointing()
+    model.train()
+    compiled = want_compile(False if args.eager else None, dev)
+    if compiled:
+        compile_denoiser(model)
+    opt = build_optimizer("adamw", params, 1e-4, {})
+    stepper = Stepper(arch, params, opt, build_scheduler("constant", opt, {}, 100), dtype=torch.bfloat16,
+                      max_grad_norm=1.0, generator=torch.Generator(dev).manual_seed(0))
+    for _ in range(4 if compiled else 2):
+        stepper.step([batch])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(8):
+        stepper.step([batch])
+    torch.cuda.synchronize()
+    key = f"{args.arch}_bs{args.bs}_ckpt" + ("" if compiled else "_eager")
+    result = {key: {"step_s": round((time.perf_counter() - t) / 8, 4),
+                    "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "n_lora": sum(p.numel() for p in params)}}
+    print(json.dumps(result))
+    if os.environ.get("OUT"):
+        json.dump(result, open(os.path.join(os.environ["OUT"], f"ours_{key}.json"), "w"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
