@@ -149,3 +149,16 @@ def test_kolors_trains_and_its_file_loads_in_diffusers(tmp_path_factory, dataset
               return_dict=False)
     with torch.no_grad():
         torch.testing.assert_close(pipe.unet(**kw)[0], ours(**kw)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_fp16_training_with_loss_scaling(tiny_sdxl, dataset, tmp_path, write_config):
+    import math
+
+    cfg = train_config(tiny_sdxl, dataset, tmp_path / "out", arch="sdxl", steps=3, sample={"prompts": []},
+                       train={"dtype": "fp16", "lr": 1e-3})
+    assert cli.main([str(write_config(cfg))]) == 0
+    run = tmp_path / "out" / "test_lora"
+    assert all(math.isfinite(v) for v in losses(run))
+    assert load_state(latest_state(run))["scaler"]["scale"] > 0  # the GradScaler's state is part of the checkpoint
+    cached = list((dataset / "_latent_cache").iterdir())
+    assert cached and all(torch.isfinite(t).all() for f in cached for t in load_file(f).values())

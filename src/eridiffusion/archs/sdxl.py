@@ -119,7 +119,11 @@ class SDXL:
         vae = self.vae
         with torch.no_grad():
             latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
-        return ((latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).to(self.dtype)
+        latents = ((latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).to(self.dtype)
+        if not torch.isfinite(latents).all():  # never let a NaN latent into the cache
+            raise FloatingPointError(f"the VAE produced NaN/inf latents in {vae.dtype} (and {self.dtype}); "
+                                     "set model.vae_dtype: fp32")
+        return latents
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         with torch.set_grad_enabled(self.train_cfg.train_text_encoder and torch.is_grad_enabled()):
