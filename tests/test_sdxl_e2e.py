@@ -162,3 +162,26 @@ def test_fp16_training_with_loss_scaling(tiny_sdxl, dataset, tmp_path, write_con
     assert load_state(latest_state(run))["scaler"]["scale"] > 0  # the GradScaler's state is part of the checkpoint
     cached = list((dataset / "_latent_cache").iterdir())
     assert cached and all(torch.isfinite(t).all() for f in cached for t in load_file(f).values())
+
+
+def test_diffusers_layout_copy_loads_like_the_kohya_file(tiny_sdxl, dataset, tmp_path, write_config):
+    cfg = train_config(tiny_sdxl, dataset, tmp_path / "out", arch="sdxl", steps=3, sample={"prompts": []},
+                       network={"linear": 4, "linear_alpha": 2, "conv": 2, "conv_alpha": 1},
+                       save={"diffusers_lora": True, "save_every": 2, "max_step_saves_to_keep": 1},
+                       train={"lr": 1e-2, "train_text_encoder": True, "cache_text_embeddings": False})
+    assert cli.main([str(write_config(cfg))]) == 0
+    run = tmp_path / "out" / "test_lora"
+    assert (run / "test_lora_000000002.diffusers.safetensors").is_file()
+    outputs = []
+    for name in ("test_lora.safetensors", "test_lora.diffusers.safetensors"):
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True)
+        pipe.load_lora_weights(run / name)
+        g = torch.Generator().manual_seed(0)
+        kw = dict(sample=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 77, 64, generator=g),
+                  added_cond_kwargs={"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.tensor([[32., 32, 0, 0, 32, 32]])},
+                  return_dict=False)
+        with torch.no_grad():
+            outputs.append((pipe.unet(**kw)[0], pipe.encode_prompt("a red circle", device="cpu", do_classifier_free_guidance=False)[0]))
+    torch.testing.assert_close(outputs[0][0], outputs[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outputs[0][1], outputs[1][1], atol=1e-5, rtol=1e-5)

@@ -186,6 +186,23 @@ class SDXL:
                 states[key] = {**state, **{f"{m}.alpha": torch.tensor(a) for m, a in alphas.items()}}
         return states
 
+    def save_diffusers_lora(self, path, modules: dict[str, torch.nn.Module], dtype: torch.dtype) -> None:
+        """The same LoRA in diffusers/peft layout (`unet.`, `text_encoder.`, ...) with its peft configs as
+        metadata, written by diffusers' own saver."""
+        import tempfile
+        from pathlib import Path
+
+        from peft.utils import get_peft_model_state_dict
+
+        names = {"unet": "unet_lora", "te1": "text_encoder_lora", "te2": "text_encoder_2_lora", "te": "text_encoder_lora"}
+        kw = {}
+        for key, module in modules.items():
+            kw[f"{names[key]}_layers"] = {k: v.to(dtype) for k, v in get_peft_model_state_dict(module).items()}
+            kw[f"{names[key]}_adapter_metadata"] = module.peft_config["default"].to_dict()
+        with tempfile.TemporaryDirectory(dir=Path(path).parent) as tmp:
+            type(self.pipe).save_lora_weights(tmp, weight_name="lora.safetensors", **kw)
+            Path(tmp, "lora.safetensors").replace(path)
+
     # ---- previews ------------------------------------------------------------------------------
     def generate(self, request: SampleRequest):
         cls, extra = SAMPLERS[self.sample_cfg.sampler if self.sample_cfg else "euler"]

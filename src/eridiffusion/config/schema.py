@@ -155,6 +155,9 @@ class SaveConfig(Section):
     dtype: str = "float16"  # normalised to float16 / bfloat16 / float32
     max_step_saves_to_keep: int = Field(5, ge=1)
     save_format: str = "safetensors"
+    # EriDiffusion's: also write each LoRA in diffusers/peft layout as <file>.diffusers.safetensors (for
+    # architectures whose native layout is another one, e.g. kohya's for UNets)
+    diffusers_lora: bool = False
     limited = {"save_format": ("safetensors", "diffusers")}
     unsupported = {"push_to_hub": False, "hf_repo_id": None, "hf_private": False}
 

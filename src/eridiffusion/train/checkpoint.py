@@ -55,12 +55,18 @@ def step_file(run_dir: Path, name: str, step: int) -> Path:
     return run_dir / f"{name}_{step:09d}.safetensors"
 
 
+def diffusers_copy(path: Path) -> Path:
+    """Where `save.diffusers_lora` writes the diffusers-layout twin of a LoRA file."""
+    return path.with_suffix(".diffusers.safetensors")
+
+
 def prune(run_dir: Path, name: str, keep: int) -> None:
     """Keep the newest `keep` step files and states; called only after a new save is complete."""
     pattern = re.compile(re.escape(name) + r"_(\d{9})\.safetensors")
     steps = sorted(int(m.group(1)) for f in run_dir.iterdir() if (m := pattern.fullmatch(f.name)))
     for step in steps[:-keep] if keep > 0 else []:
         step_file(run_dir, name, step).unlink(missing_ok=True)
+        diffusers_copy(step_file(run_dir, name, step)).unlink(missing_ok=True)
     states = sorted((run_dir / STATE_DIR).glob("[0-9]" * 9 + ".pt"))
     for f in states[:-keep] if keep > 0 else []:
         f.unlink(missing_ok=True)

@@ -144,6 +144,8 @@ class Run:
         if tc.attention_backend != "native":
             self.arch.denoiser.set_attention_backend(tc.attention_backend)
         self.components = self.arch.lora_components(net.transformer_only, tc.train_text_encoder)
+        if proc.save.diffusers_lora and not hasattr(self.arch, "save_diffusers_lora"):
+            raise ValueError(f"save.diffusers_lora: {proc.model.arch_name} LoRA files are already in diffusers' layout")
         self.params, groups = self._inject_lora()
         if tc.gradient_checkpointing:
             self.arch.denoiser.enable_gradient_checkpointing()
@@ -290,10 +292,13 @@ class Run:
 
     def save(self, final: bool) -> None:
         name = self.proc.name
-        with self.ema_weights():
-            tensors = self.lora_file_tensors()
         path = self.run_dir / f"{name}.safetensors" if final else ckpt.step_file(self.run_dir, name, self.step)
-        ckpt.save_safetensors(path, tensors, self.metadata())
+        with self.ema_weights():
+            ckpt.save_safetensors(path, self.lora_file_tensors(), self.metadata())
+            if self.proc.save.diffusers_lora:
+                dtype = SAVE_DTYPES[self.proc.save.dtype]
+                ckpt.atomic_write(ckpt.diffusers_copy(path), lambda tmp: self.arch.save_diffusers_lora(
+                    tmp, {key: t.module for key, t in self.components.items()}, dtype))
         ckpt.save_state(self.run_dir, self.step, {
             "identity": self.identity(), "step": self.step, "seed": self.seed,
             "lora": {name: {k: v.detach().cpu() for k, v in lora_state(t.module).items()} for name, t in self.components.items()},
