@@ -10,14 +10,14 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 
 def test_there_are_examples():
-    assert len(EXAMPLES) >= 2
+    assert len(EXAMPLES) >= 3
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_validates(path):
     proc = load_config(str(path)).config.process[0]
-    assert proc.model.arch_name == "flux" and proc.network.linear == 16
-    assert proc.datasets[0].resolution == [512, 768, 1024] and proc.train.dtype == "bf16"
+    assert proc.model.arch_name in ("flux", "sdxl") and proc.network.linear == 16 and proc.train.dtype == "bf16"
+    assert proc.datasets[0].resolution == ([1024] if proc.model.arch_name == "sdxl" else [512, 768, 1024])
 
 
 def test_demo_config_validates(monkeypatch, tmp_path):
