@@ -27,11 +27,52 @@ def require_diffusers_folder(path: str, subfolders: list[str]) -> Path:
     return root
 
 
+def resolve_roots(model_cfg, components: list[str], main: str) -> tuple[Path | None, Path | None, Path]:
+    """Where each part comes from: (single file of the `main` component or None, its diffusers folder or
+    None, the diffusers folder of the other components). `name_or_path` may be a diffusers folder, a repo id
+    in the local HF cache, or one file of the main component; `extras_name_or_path` supplies the rest."""
+    from .sources import resolve_model_source
+
+    src = resolve_model_source(model_cfg.name_or_path)
+    extras = model_cfg.extras_name_or_path
+    if src.kind == "single_file" and not extras:
+        raise FileNotFoundError(f"model.name_or_path is a single file ({src.path}); set model.extras_name_or_path to a "
+                                f"diffusers folder (or a repo id in the local HF cache) for the {', '.join(c for c in components if c != main)}")
+    rest = resolve_model_source(extras, key="model.extras_name_or_path") if extras else src
+    if rest.kind == "single_file":
+        raise ValueError(f"model.extras_name_or_path must be a diffusers folder or repo id, not a single file ({rest.path})")
+    others = [c for c in components if c != main]
+    if src.kind == "single_file":
+        return src.path, None, require_diffusers_folder(str(rest.path), others)
+    main_root = require_diffusers_folder(str(src.path), [main])
+    return None, main_root, require_diffusers_folder(str(rest.path), others) if extras else require_diffusers_folder(str(src.path), components)
+
+
+def load_vae(vae_path: str | None, root: Path, dtype):
+    """The VAE from `model.vae_path` (a VAE folder, a diffusers folder with vae/, or a single file read
+    with diffusers' converter and the main folder's VAE config), else from `root/vae`. Returns (vae, its path)."""
+    from diffusers import AutoencoderKL
+
+    if not vae_path:
+        return AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True, torch_dtype=dtype), root / "vae"
+    path = Path(vae_path).expanduser()
+    if (path / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(path, local_files_only=True, torch_dtype=dtype), path
+    if (path / "vae" / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True, torch_dtype=dtype), path / "vae"
+    if path.is_file():
+        vae = AutoencoderKL.from_single_file(str(path), config=str(root), subfolder="vae", local_files_only=True,
+                                             torch_dtype=dtype)
+        return vae, path
+    raise FileNotFoundError(f"model.vae_path: {path} is neither a VAE folder (config.json), a diffusers folder with vae/, "
+                            "nor a weights file")
+
+
 def folder_fingerprint(*folders: Path, extra: str = "") -> str:
     """Identity of model components for cache keys: their configs plus weight file sizes and mtimes."""
     h = hashlib.sha256(extra.encode())
     for folder in folders:
-        for f in sorted(folder.iterdir()):
+        for f in sorted(folder.iterdir()) if folder.is_dir() else [folder]:
             if f.suffix == ".json":
                 h.update(f.read_bytes())
             elif f.is_file():

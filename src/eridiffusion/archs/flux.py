@@ -5,13 +5,14 @@ from __future__ import annotations
 import types
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
 from ..objectives import flow
 from ..train.dtypes import DTYPES
 from .base import LoraTargets, SampleRequest
-from .common import folder_fingerprint, read_json, require_diffusers_folder
+from .common import folder_fingerprint, load_vae, resolve_roots
+from .flux_formats import load_flux_single_file
 
 COMPONENTS = ["transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"]
 BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
@@ -55,20 +56,22 @@ class Flux:
 
     # ---- loading -------------------------------------------------------------------------------
     def load(self) -> None:
-        root = require_diffusers_folder(self.model_cfg.name_or_path, COMPONENTS)
+        single, main_root, root = resolve_roots(self.model_cfg, COMPONENTS, "transformer")
         load = dict(torch_dtype=DTYPES[self.model_cfg.te_dtype or self.train_cfg.dtype], local_files_only=True)
         vae_dtype = DTYPES[self.model_cfg.vae_dtype or self.train_cfg.dtype]
+        vae, vae_source = load_vae(self.model_cfg.vae_path, root, vae_dtype)
+        transformer = load_flux_single_file(single, self.dtype) if single else FluxTransformer2DModel.from_pretrained(
+            main_root, subfolder="transformer", torch_dtype=self.dtype, local_files_only=True)
         self.attach(
-            transformer=FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", torch_dtype=self.dtype,
-                                                               local_files_only=True),
-            vae=AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True, torch_dtype=vae_dtype),
+            transformer=transformer,
+            vae=vae,
             text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **load),
             text_encoder_2=T5EncoderModel.from_pretrained(root, subfolder="text_encoder_2", **load),
             tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True),
             tokenizer_2=AutoTokenizer.from_pretrained(root / "tokenizer_2", local_files_only=True),
             scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True),
         )
-        self.latent_fingerprint = folder_fingerprint(root / "vae", extra=f"flux:{vae_dtype}")
+        self.latent_fingerprint = folder_fingerprint(vae_source, extra=f"flux:{vae_dtype}")
         self.text_fingerprint = folder_fingerprint(root / "text_encoder", root / "text_encoder_2", root / "tokenizer",
                                                    root / "tokenizer_2", extra=f"flux:{self.max_sequence_length}:{self.dtype}")
 

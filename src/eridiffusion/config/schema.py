@@ -352,6 +352,9 @@ class ModelConfig(Section):
     is_vega: bool = False
     is_v_pred: bool = False
     dtype: str = "float16"  # replaced by train.dtype, as ai-toolkit does
+    # a diffusers folder or HF repo id (local cache) for the components a single-file name_or_path lacks
+    extras_name_or_path: str | None = None
+    vae_path: str | None = None  # a VAE folder (config.json), a diffusers folder with vae/, or a single file
     vae_dtype: str | None = None  # unset: the architecture's choice (train.dtype, or fp32 for VAEs that overflow)
     te_dtype: str | None = None  # unset: train.dtype
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -359,7 +362,7 @@ class ModelConfig(Section):
     compile: bool | None = None
     renamed = {"auto_memory": "layer_offloading"}
     unsupported = {
-        "vae_path": None, "extras_name_or_path": None, "low_vram": False, "attn_masking": False, "lora_path": None,
+        "low_vram": False, "attn_masking": False, "lora_path": None,
         "assistant_lora_path": None, "inference_lora_path": None, "layer_offloading": False,
         "quantize": False, "quantize_te": False, "qtype": "qfloat8", "qtype_te": "qfloat8", "quantize_kwargs": {},
         "vae_device": None, "te_device": None, "refiner_name_or_path": None, "refiner_start_at": 0.5,

@@ -1,0 +1,251 @@
+"""FLUX.1 single files in Black Forest Labs' layout (ComfyUI `diffusion_models/flux1-dev.safetensors`):
+recognise them, infer the FluxTransformer2DModel config from tensor shapes, convert to and from the
+diffusers layout, and load one into a FluxTransformer2DModel.
+
+BFL -> diffusers is diffusers' own `convert_flux_transformer_checkpoint_to_diffusers`; diffusers ships no
+inverse, so diffusers -> BFL is written here (the same correspondences as ComfyUI's `flux_to_diffusers`).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from functools import cache
+from pathlib import Path
+
+import torch
+from diffusers import FluxTransformer2DModel
+from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+from .sources import load_state_dict_file
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # ComfyUI/ldm full checkpoints; bare diffusion-model files
+# Present in every FLUX.1-architecture transformer (dev, schnell, Flex.1, Fill/Depth/Canny); Chroma lacks
+# vector_in and FLUX.2 lacks per-block modulation, so neither passes
+_BFL_REQUIRED = ("img_in.weight", "txt_in.weight", "time_in.in_layer.weight", "vector_in.in_layer.weight",
+                 "final_layer.linear.weight", "final_layer.adaLN_modulation.1.weight",
+                 "double_blocks.0.img_attn.qkv.weight", "double_blocks.0.img_mod.lin.weight",
+                 "double_blocks.0.img_attn.norm.query_norm.scale")
+
+# What other files look like: (description, substrings that must each occur in some key), first match wins
+_LOOKS_LIKE = (
+    ("a LoRA adapter, not a full model", (".lora_",)),
+    ("a LoHa adapter, not a full model", (".hada_",)),
+    ("a LoKr adapter, not a full model", (".lokr_",)),
+    ("a FLUX.2 transformer", ("double_stream_modulation_img.",)),
+    ("a Chroma transformer", ("distilled_guidance_layer.",)),
+    ("a diffusers-layout Flux transformer (load its diffusers folder instead)",
+     ("single_transformer_blocks.", "attn.add_q_proj.", "time_text_embed.")),
+    ("an SD3 / SD3.5 transformer", ("joint_blocks.",)),
+    ("an SDXL checkpoint", ("input_blocks.", "label_emb.")),
+    ("an SD1.x / SD2.x checkpoint", ("input_blocks.",)),
+    ("a diffusers UNet", ("down_blocks.", "time_embedding.")),
+    ("a T5 encoder", ("encoder.block.", ".SelfAttention.")),
+    ("a CLIP text encoder", ("text_model.",)),
+    ("a VAE", ("decoder.up",)),
+)
+
+# diffusers -> BFL module names, per block and at the top; each module's weight and bias move together
+_DOUBLE = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
+           "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+           "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
+           "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}
+_DOUBLE_FUSED = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+                 "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
+_DOUBLE_NORMS = {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+                 "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm"}
+_SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2"}
+_SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+_SINGLE_NORMS = {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}
+_BLOCKS = (("transformer_blocks.", "double_blocks.", _DOUBLE, _DOUBLE_FUSED, _DOUBLE_NORMS),
+           ("single_transformer_blocks.", "single_blocks.", _SINGLE, _SINGLE_FUSED, _SINGLE_NORMS))
+_TOP = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+        "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+        "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+        "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+        "time_text_embed.text_embedder.linear_2": "vector_in.out_layer"}
+_GUIDANCE = {"time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+             "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer"}
+
+
+def _transformer_part(state: Mapping) -> dict:
+    """The transformer's entries with any ComfyUI/ldm prefix removed; an all-in-one checkpoint's VAE and
+    text encoder entries (outside the prefix) are left out."""
+    for prefix in PREFIXES:
+        if any(k.startswith(prefix) for k in state):
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return dict(state)
+
+
+def is_bfl_flux(keys: Iterable[str]) -> bool:
+    """Whether these state-dict keys are a FLUX.1 transformer in BFL's layout (prefixed or not)."""
+    names = _transformer_part(dict.fromkeys(keys))
+    return all(k in names for k in _BFL_REQUIRED)
+
+
+def describe_checkpoint(keys: Iterable[str]) -> str:
+    """What a state dict looks like, for an error that says why it is the wrong file: 'looks like ...'."""
+    keys = list(keys)
+    if is_bfl_flux(keys):
+        return "looks like a FLUX.1 transformer in the Black Forest Labs layout"
+    for what, markers in _LOOKS_LIKE:
+        hits = [next((k for k in keys if m in k), None) for m in markers]
+        if all(hits):
+            return f"looks like {what} (e.g. key '{hits[0]}')"
+    return f"does not look like any model this recognises (first keys: {', '.join(keys[:5]) or 'none'})"
+
+
+@cache
+def known_flux_configs() -> dict[str, dict]:
+    """The released FLUX.1-architecture configs shipped in archs/configs/, by file stem (flux-dev, ...)."""
+    return {p.stem: {k: v for k, v in json.loads(p.read_text()).items() if not k.startswith("_")}
+            for p in sorted(CONFIG_DIR.glob("flux-*.json"))}
+
+
+def known_flux_variant(config: Mapping) -> str | None:
+    """The name of the shipped config equal to `config` (flux-dev, flux-schnell, flux-flex1), if any."""
+    ours = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if not k.startswith("_")}
+    return next((name for name, known in known_flux_configs().items() if known == ours), None)
+
+
+def _rope_axes(head_dim: int) -> list[int]:
+    # Not stored in the weights. FLUX.1 splits its 128 rotary dims 16/56/56 (index, height, width): each
+    # spatial axis takes the largest even number <= 7/16 of head_dim and the index axis the rest, which
+    # also gives build_tiny_flux's 4/6/6 for head_dim 16
+    spatial = (7 * head_dim // 16) // 2 * 2
+    return [head_dim - 2 * spatial, spatial, spatial]
+
+
+def infer_flux_config(state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """FluxTransformer2DModel's config from a BFL-layout state dict's shapes; a shipped config when one
+    matches exactly (it also carries what shapes cannot tell, the rotary split)."""
+    sd = _transformer_part(state_dict)
+    hidden, in_channels = sd["img_in.weight"].shape
+    head_dim = sd["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+    if hidden % head_dim:
+        raise ValueError(f"img_in width {hidden} is not a multiple of the attention head size {head_dim}")
+    out_channels = sd["final_layer.linear.weight"].shape[0]  # patch_size 1: one output row per channel
+    config = {
+        "patch_size": 1,
+        "in_channels": in_channels,
+        "out_channels": None if out_channels == in_channels else out_channels,  # Fill/Depth/Canny take more in
+        "num_layers": len({k.split(".")[1] for k in sd if k.startswith("double_blocks.")}),
+        "num_single_layers": len({k.split(".")[1] for k in sd if k.startswith("single_blocks.")}),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": hidden // head_dim,
+        "joint_attention_dim": sd["txt_in.weight"].shape[1],
+        "pooled_projection_dim": sd["vector_in.in_layer.weight"].shape[1],
+        "guidance_embeds": "guidance_in.in_layer.weight" in sd,
+        "axes_dims_rope": _rope_axes(head_dim),
+    }
+    shape_only = {k: v for k, v in config.items() if k != "axes_dims_rope"}
+    for known in known_flux_configs().values():
+        if {k: known[k] for k in shape_only} == shape_only:
+            return dict(known)
+    return config
+
+
+def bfl_to_diffusers(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
+    """BFL layout -> diffusers FluxTransformer2DModel keys, through diffusers' single-file converter.
+    Every key must convert; a leftover one is a ValueError naming it."""
+    sd = _transformer_part(state_dict)  # a fresh dict: diffusers' converter pops from what it is given
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    widths = [hidden] * 3 + [4 * hidden]  # FluxSingleTransformerBlock's MLP is always 4x wide
+    # diffusers splits single-block linear1 at FLUX.1's fixed widths (3072, 4x); split it at this model's
+    # widths here and hand diffusers size-only meta placeholders, whose pieces are replaced below
+    linear1 = {}
+    for key in [k for k in sd if k.startswith("single_blocks.") and ".linear1." in k]:
+        _, i, _, param = key.split(".")
+        base = f"single_transformer_blocks.{i}."
+        parts = sd[key].split(widths)
+        for name, part in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), parts):
+            linear1[f"{base}{name}.{param}"] = part.clone()  # own storage: safetensors will not save views
+        sd[key] = torch.empty(7 * 3072, device="meta")
+    out = convert_flux_transformer_checkpoint_to_diffusers(sd)
+    if sd:
+        raise ValueError(f"not a FLUX.1 transformer state dict: {len(sd)} keys did not convert, "
+                         f"e.g. {sorted(sd)[:5]}")
+    return out | linear1
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    # diffusers' AdaLayerNormContinuous reads (scale, shift), BFL's LastLayer (shift, scale); diffusers'
+    # own swap lives inside its converter, so it cannot be reused
+    first, second = t.chunk(2)
+    return torch.cat([second, first])
+
+
+def diffusers_to_bfl(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers FluxTransformer2DModel keys -> BFL layout (what ComfyUI and BFL's code load): q/k/v
+    fused into qkv, single-block q/k/v/mlp into linear1. Written here because diffusers has no inverse."""
+    sd, out = dict(state_dict), {}
+
+    def take(name: str) -> torch.Tensor:
+        if name not in sd:
+            raise ValueError(f"not a diffusers Flux transformer state dict: '{name}' is missing")
+        return sd.pop(name)
+
+    def move(renames: Mapping[str, str], src: str = "", dst: str = "") -> None:
+        for a, b in renames.items():
+            for param in ("weight", "bias"):
+                out[f"{dst}{b}.{param}"] = take(f"{src}{a}.{param}")
+
+    for src_prefix, dst_prefix, renames, fused, norms in _BLOCKS:
+        for i in sorted({int(k.split(".")[1]) for k in sd if k.startswith(src_prefix)}):
+            src, dst = f"{src_prefix}{i}.", f"{dst_prefix}{i}."
+            move(renames, src, dst)
+            for b, parts in fused.items():
+                for param in ("weight", "bias"):
+                    out[f"{dst}{b}.{param}"] = torch.cat([take(f"{src}{a}.{param}") for a in parts])
+            for a, b in norms.items():
+                out[f"{dst}{b}.scale"] = take(f"{src}{a}.weight")
+    move(_TOP)
+    if "time_text_embed.guidance_embedder.linear_1.weight" in sd:
+        move(_GUIDANCE)
+    for param in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{param}"] = _swap_halves(take(f"norm_out.linear.{param}"))
+    if sd:
+        raise ValueError(f"not a diffusers Flux transformer state dict: {len(sd)} keys have no BFL name, "
+                         f"e.g. {sorted(sd)[:5]}")
+    return out
+
+
+def _dequantize_scaled_fp8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # ComfyUI's "scaled fp8" files store weight / scale_weight plus a `scaled_fp8` marker; multiply back
+    # as ComfyUI does (in the compute dtype). scale_input only steers fp8 matmuls, so it is dropped
+    if "scaled_fp8" not in sd:
+        return sd
+    out = {}
+    for k, v in sd.items():
+        if k == "scaled_fp8" or k.endswith((".scale_weight", ".scale_input")):
+            continue
+        scale = sd.get(k.removesuffix("weight") + "scale_weight") if k.endswith(".weight") else None
+        out[k] = v if scale is None else v * scale.to(v.dtype)
+    return out
+
+
+def load_flux_single_file(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> FluxTransformer2DModel:
+    """A FluxTransformer2DModel from one BFL-layout file (bf16/fp16/fp32, float8_e4m3fn/e5m2, or ComfyUI
+    scaled fp8; prefixed or not), in `dtype`, with the config its shapes imply."""
+    path = Path(path)
+    raw = load_state_dict_file(path, dtype=dtype)  # float8 is widened here: CPU has few float8 kernels
+    sd = _dequantize_scaled_fp8(_transformer_part(raw))
+    if not is_bfl_flux(sd):
+        raise ValueError(f"{path} is not a FLUX.1 transformer in the Black Forest Labs layout: it "
+                         f"{describe_checkpoint(raw)}")
+    del raw
+    config = infer_flux_config(sd)
+    with torch.device("meta"):  # no random init of 12B weights that are replaced at once
+        model = FluxTransformer2DModel.from_config(config)
+    # Compare in the file's own names, so a truncated or extended file is reported as the user sees it
+    expected = {k: v.shape for k, v in diffusers_to_bfl(model.state_dict()).items()}
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [f"{k} {tuple(sd[k].shape)} != {tuple(s)}" for k, s in expected.items() if k in sd and sd[k].shape != s]
+    if missing or unexpected or wrong:
+        what = known_flux_variant(config) or f"{config['num_layers']} double + {config['num_single_layers']} single blocks"
+        raise ValueError(f"{path}: the weights do not fit the Flux transformer their shapes describe ({what}): "
+                         f"{len(missing)} missing {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}, "
+                         f"{len(wrong)} of the wrong shape {wrong[:5]}")
+    model.load_state_dict(bfl_to_diffusers(sd, config), strict=True, assign=True)
+    return model.eval()

@@ -1,0 +1,73 @@
+"""Training from model files as users keep them: a single-file FLUX.1 transformer in Black Forest Labs
+layout (bf16 and float8) with the rest from `extras_name_or_path`, a repo id found in the local HF cache,
+and a separate VAE folder."""
+from __future__ import annotations
+
+import shutil
+
+import torch
+from diffusers import FluxTransformer2DModel
+from safetensors.torch import save_file
+
+from eridiffusion import cli
+from eridiffusion.archs.flux_formats import diffusers_to_bfl
+
+from .conftest import train_config
+
+
+def bfl_file(tiny_flux, path, dtype):
+    model = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer", local_files_only=True)
+    state = {f"model.diffusion_model.{k}": v.to(dtype) for k, v in diffusers_to_bfl(model.state_dict()).items()}
+    save_file(state, str(path))
+    return path
+
+
+def test_trains_from_a_single_file_transformer(tiny_flux, dataset, tmp_path, write_config):
+    for dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        file = bfl_file(tiny_flux, tmp_path / f"flux1-tiny-{str(dtype)[6:]}.safetensors", dtype)
+        cfg = train_config(file, dataset, tmp_path / str(dtype), steps=2, model={"extras_name_or_path": str(tiny_flux)})
+        assert cli.main([str(write_config(cfg, f"{str(dtype)[6:]}.yaml"))]) == 0
+        assert (tmp_path / str(dtype) / "test_lora" / "test_lora.safetensors").is_file()
+
+
+def test_single_file_without_extras_is_a_clear_error(tiny_flux, dataset, tmp_path, write_config, capsys):
+    file = bfl_file(tiny_flux, tmp_path / "flux1-tiny.safetensors", torch.bfloat16)
+    assert cli.main([str(write_config(train_config(file, dataset, tmp_path / "out")))]) == 1
+    assert "extras_name_or_path" in capsys.readouterr().err
+
+
+def test_wrong_architecture_file_says_what_it_looks_like(tiny_flux, dataset, tmp_path, write_config, capsys):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_flux, subfolder="vae", local_files_only=True)
+    save_file({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()}, str(tmp_path / "not-flux.safetensors"))
+    cfg = train_config(tmp_path / "not-flux.safetensors", dataset, tmp_path / "out", model={"extras_name_or_path": str(tiny_flux)})
+    assert cli.main([str(write_config(cfg))]) == 1
+    err = capsys.readouterr().err
+    assert "not-flux.safetensors" in err and "VAE" in err
+
+
+def test_trains_from_a_repo_id_in_the_local_hf_cache(tiny_flux, dataset, tmp_path, write_config, monkeypatch):
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--tiny-flux" / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_flux, snapshot)
+    (cache / "models--someone--tiny-flux" / "refs").mkdir()
+    (cache / "models--someone--tiny-flux" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing may be fetched
+    cfg = train_config(tiny_flux, dataset, tmp_path / "out", steps=2, model={"name_or_path": "someone/tiny-flux"})
+    assert cli.main([str(write_config(cfg))]) == 0
+
+
+def test_repo_id_not_in_the_cache_says_where_it_looked(tiny_flux, dataset, tmp_path, write_config, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    cfg = train_config(tiny_flux, dataset, tmp_path / "out", model={"name_or_path": "black-forest-labs/FLUX.1-dev"})
+    assert cli.main([str(write_config(cfg))]) == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path / "empty-hub") in err and "never downloads" in err
+
+
+def test_separate_vae_folder(tiny_flux, dataset, tmp_path, write_config):
+    vae_dir = shutil.copytree(tiny_flux / "vae", tmp_path / "my-vae")
+    cfg = train_config(tiny_flux, dataset, tmp_path / "out", steps=2, model={"vae_path": str(vae_dir)})
+    assert cli.main([str(write_config(cfg))]) == 0
