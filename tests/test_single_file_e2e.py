@@ -71,3 +71,26 @@ def test_separate_vae_folder(tiny_flux, dataset, tmp_path, write_config):
     vae_dir = shutil.copytree(tiny_flux / "vae", tmp_path / "my-vae")
     cfg = train_config(tiny_flux, dataset, tmp_path / "out", steps=2, model={"vae_path": str(vae_dir)})
     assert cli.main([str(write_config(cfg))]) == 0
+
+
+def test_trains_sdxl_from_an_all_in_one_sgm_checkpoint(tiny_sdxl, dataset, tmp_path, write_config, capsys):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from eridiffusion.archs.sdxl_formats import diffusers_to_sgm
+
+    load = dict(local_files_only=True)
+    components = {"unet": UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet", **load).state_dict(),
+                  "vae": AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae", **load).state_dict(),
+                  "text_encoder": CLIPTextModel.from_pretrained(tiny_sdxl, subfolder="text_encoder", **load).state_dict(),
+                  "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(tiny_sdxl, subfolder="text_encoder_2", **load).state_dict()}
+    file = tmp_path / "sd_xl_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in diffusers_to_sgm(components).items()}, str(file))
+    cfg = train_config(file, dataset, tmp_path / "out", arch="sdxl", steps=2, sample={"prompts": ["a red circle"], "width": 32, "height": 32},
+                       model={"extras_name_or_path": str(tiny_sdxl)})
+    assert cli.main([str(write_config(cfg))]) == 0
+    assert (tmp_path / "out" / "test_lora" / "test_lora.safetensors").is_file()
+    # without a tokenizer source the error says what to provide
+    cfg["config"]["process"][0]["model"].pop("extras_name_or_path")
+    assert cli.main([str(write_config(cfg, "b.yaml"))]) == 1
+    assert "tokenizer/ and tokenizer_2/" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from ..objectives.flow import per_sample_mse
 from ..train.dtypes import DTYPES
 from .base import LoraTargets, SampleRequest
 from .common import folder_fingerprint, require_diffusers_folder
+from .sources import resolve_model_source
 
 # sample.sampler -> (diffusers scheduler, extra config); built from the model's own scheduler config
 SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
@@ -59,7 +60,10 @@ class SDXL:
 
     # ---- loading -------------------------------------------------------------------------------
     def load(self) -> None:
-        root = require_diffusers_folder(self.model_cfg.name_or_path, self.components)
+        source = resolve_model_source(self.model_cfg.name_or_path)
+        if source.kind == "single_file":
+            return self.load_single_file(source.path)
+        root = require_diffusers_folder(str(source.path), self.components)
         te_dtype = DTYPES[self.model_cfg.te_dtype or self.train_cfg.dtype]
         # SDXL's VAE overflows in fp16: unless vae_dtype says otherwise it encodes in fp32 (force_upcast models)
         force_upcast = AutoencoderKL.load_config(root, subfolder="vae", local_files_only=True).get("force_upcast", False)
@@ -91,6 +95,27 @@ class SDXL:
         self.bucket_divisibility = max(8, self.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1))
         self.denoiser = unet
         self.unconditional = {}  # an empty negative prompt: SDXL's pipeline uses zeros (force_zeros_for_empty_prompt)
+
+    def load_single_file(self, path) -> None:
+        """An all-in-one checkpoint in SGM layout (UNet, VAE, both CLIPs); tokenizers from extras_name_or_path."""
+        from .sdxl_formats import load_sdxl_single_file
+
+        extras = self.model_cfg.extras_name_or_path
+        if not extras:
+            raise FileNotFoundError(f"model.name_or_path is a single checkpoint file ({path}), which holds no tokenizers: set "
+                                    "model.extras_name_or_path to a folder with tokenizer/ and tokenizer_2/ (vocab.json and "
+                                    "merges.txt in each), e.g. an SDXL diffusers folder or a repo id in the local HF cache")
+        te_dtype = DTYPES[self.model_cfg.te_dtype or self.train_cfg.dtype]
+        vae_dtype = DTYPES[self.model_cfg.vae_dtype] if self.model_cfg.vae_dtype else torch.float32
+        folder = resolve_model_source(extras, key="model.extras_name_or_path").path
+        # component configs: the extras folder's when it has them, else the shipped SDXL base ones
+        configs = folder if (folder / "text_encoder" / "config.json").is_file() else None
+        parts = load_sdxl_single_file(path, tokenizer_folder=folder, config_folder=configs,
+                                      dtype={"unet": self.dtype, "vae": vae_dtype, "text_encoder": te_dtype, "text_encoder_2": te_dtype})
+        self.attach(unet=parts["unet"], scheduler=parts["scheduler"], vae=parts["vae"],
+                    text_encoders=[parts["text_encoder"], parts["text_encoder_2"]], tokenizers=[parts["tokenizer"], parts["tokenizer_2"]])
+        self.latent_fingerprint = folder_fingerprint(path, extra=f"{type(self).__name__}:{vae_dtype}")
+        self.text_fingerprint = folder_fingerprint(path, extra=f"{type(self).__name__}:{te_dtype}")
 
     def load_text(self, root, te_dtype):
         load = dict(torch_dtype=te_dtype, local_files_only=True)
