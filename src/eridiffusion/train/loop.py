@@ -5,6 +5,9 @@ import contextlib
 import json
 import math
 import random
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -205,28 +208,58 @@ class Run:
             self.sample()
         bar = tqdm(total=tc.steps, initial=self.step, desc=self.proc.name, dynamic_ncols=True)
         smooth, window = None, []
-        while self.step < tc.steps:
-            lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
-            loss = self.stepper.step([self.data.next_batch() for _ in range(tc.gradient_accumulation)])
-            self.step += 1
-            if math.isfinite(loss):
-                smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
-                window.append(loss)
-            log.write(json.dumps({"step": self.step, "loss": loss, "lr": lr, "time": round(time.time(), 3)}) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{smooth:.4f}" if smooth is not None else "nan", lr=f"{lr:.2e}")
-            bar.update(1)
-            if self.step % self.proc.logging.log_every == 0 and window:
-                bar.write(f"step {self.step}: mean loss {sum(window) / len(window):.4f} over {len(window)} steps, lr {lr:.2e}")
-                window = []
-            last = self.step == tc.steps
-            if last or self.step % save_cfg.save_every == 0:
-                self.save(final=last)
-            if self.previewer and (last or (self.step % sample_cfg.sample_every == 0 and self.step >= sample_cfg.sample_start_step)):
-                self.sample()
+        with self.clean_stop() as stop:
+            while self.step < tc.steps and not stop.is_set():
+                lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
+                loss = self.stepper.step([self.data.next_batch() for _ in range(tc.gradient_accumulation)])
+                self.step += 1
+                if math.isfinite(loss):
+                    smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
+                    window.append(loss)
+                log.write(json.dumps({"step": self.step, "loss": loss, "lr": lr, "time": round(time.time(), 3)}) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{smooth:.4f}" if smooth is not None else "nan", lr=f"{lr:.2e}")
+                bar.update(1)
+                if self.step % self.proc.logging.log_every == 0 and window:
+                    bar.write(f"step {self.step}: mean loss {sum(window) / len(window):.4f} over {len(window)} steps, lr {lr:.2e}")
+                    window = []
+                last = self.step == tc.steps
+                if last or self.step % save_cfg.save_every == 0:
+                    self.save(final=last)
+                if self.previewer and (last or (self.step % sample_cfg.sample_every == 0 and self.step >= sample_cfg.sample_start_step)):
+                    self.sample()
+            if stop.is_set() and self.step < tc.steps:
+                self.save(final=False)
+                bar.close()
+                print(f"\nStopped at step {self.step}; the checkpoint is saved. Run the same config again to resume.",
+                      file=sys.stderr)
+                raise KeyboardInterrupt
         bar.close()
         log.close()
         return self.run_dir / f"{self.proc.name}.safetensors"
+
+    @contextlib.contextmanager
+    def clean_stop(self):
+        """SIGINT/SIGTERM finish the current step and save; a second SIGINT stops at once (a save in
+        progress is abandoned without touching the last complete checkpoint)."""
+        stop = threading.Event()
+        if threading.current_thread() is not threading.main_thread():
+            yield stop
+            return
+
+        def request(signum, frame):
+            if stop.is_set() and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            stop.set()
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving (Ctrl-C again to stop at once)",
+                  file=sys.stderr)
+
+        previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield stop
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
     # ---- samples, saves, resume ----------------------------------------------------------------
     @contextlib.contextmanager
