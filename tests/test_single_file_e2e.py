@@ -94,3 +94,23 @@ def test_trains_sdxl_from_an_all_in_one_sgm_checkpoint(tiny_sdxl, dataset, tmp_p
     cfg["config"]["process"][0]["model"].pop("extras_name_or_path")
     assert cli.main([str(write_config(cfg, "b.yaml"))]) == 1
     assert "tokenizer/ and tokenizer_2/" in capsys.readouterr().err
+
+
+def test_text_encoders_from_their_own_files(tiny_flux, dataset, tmp_path, write_config):
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    clip = CLIPTextModel.from_pretrained(tiny_flux, subfolder="text_encoder", local_files_only=True)
+    t5 = T5EncoderModel.from_pretrained(tiny_flux, subfolder="text_encoder_2", local_files_only=True)
+    # ComfyUI's clip_l keeps `text_model.`; its T5 files carry `shared.weight` but not the tied encoder embedding
+    save_file({f"text_model.{k}": v for k, v in clip.state_dict().items()}, str(tmp_path / "clip_l.safetensors"))
+    save_file({k: v.half() for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"},
+              str(tmp_path / "t5xxl_fp16.safetensors"))
+    cfg = train_config(tiny_flux, dataset, tmp_path / "out", steps=2, model={"model_paths": {
+        "text_encoder": str(tmp_path / "clip_l.safetensors"), "text_encoder_2": str(tmp_path / "t5xxl_fp16.safetensors")}})
+    assert cli.main([str(write_config(cfg))]) == 0
+
+    from eridiffusion.archs.common import load_text_encoder
+
+    loaded = load_text_encoder(T5EncoderModel, tmp_path / "t5xxl_fp16.safetensors", tiny_flux, "text_encoder_2", torch.float32)
+    ids = torch.tensor([[5, 6, 7, 1]])
+    torch.testing.assert_close(loaded(ids).last_hidden_state, t5(ids).last_hidden_state, atol=2e-3, rtol=2e-3)

@@ -68,6 +68,36 @@ def load_vae(vae_path: str | None, root: Path, dtype):
                             "nor a weights file")
 
 
+def load_text_encoder(cls, path: str | Path, config_root: Path, subfolder: str, dtype):
+    """A transformers text encoder from its own folder, or from one weights file (ComfyUI's
+    text_encoders/clip_l.safetensors, t5xxl_fp16.safetensors, ...) with the architecture of
+    `config_root/subfolder`. Key layouts that differ only by a leading `text_model.` are accepted."""
+    from .sources import load_state_dict_file
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return cls.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+    state = load_state_dict_file(path, dtype=dtype)
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # parameters on the meta device, buffers (position ids) real
+        model = cls(cls.config_class.from_pretrained(config_root, subfolder=subfolder, local_files_only=True))
+    expected = set(model.state_dict())
+    for old, new in (("text_model.", ""), ("", "text_model.")):  # transformers 5 dropped text_model. in CLIPTextModel
+        if not expected & set(state):
+            state = {new + k[len(old):]: v for k, v in state.items() if k.startswith(old)}
+    unexpected = sorted(set(state) - expected)
+    if unexpected or not state:
+        raise ValueError(f"{path}: not a {cls.__name__} weights file for {config_root / subfolder} "
+                         f"(unexpected keys such as {unexpected[:3]})")
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()  # T5 files carry `shared.weight` only; the encoder's embedding is tied to it
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise ValueError(f"{path}: missing weights for {cls.__name__}, e.g. {still_meta[:3]}")
+    return model.eval()  # as from_pretrained returns it
+
+
 def folder_fingerprint(*folders: Path, extra: str = "") -> str:
     """Identity of model components for cache keys: their configs plus weight file sizes and mtimes."""
     h = hashlib.sha256(extra.encode())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import types
+from pathlib import Path
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -11,11 +12,12 @@ from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 from ..objectives import flow
 from ..train.dtypes import DTYPES
 from .base import LoraTargets, SampleRequest
-from .common import folder_fingerprint, load_vae, resolve_roots
+from .common import folder_fingerprint, load_text_encoder, load_vae, resolve_roots
 from .flux_formats import load_flux_single_file
 
 COMPONENTS = ["transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"]
 BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
+TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")  # what model.model_paths may name
 FLOW_NAMES = ("flowmatch", "flow_match", "euler", "ddpm")  # ddpm: ai-toolkit's default for both keys
 FILE_PREFIX = "transformer."  # diffusers' Flux LoRA layout, which ComfyUI's Flux loader also maps
 
@@ -35,6 +37,10 @@ class Flux:
         self.device, self.dtype = device, dtype
         self.max_sequence_length = int(self.model_cfg.model_kwargs.get("max_text_length", 512))
         tc, sampler = self.train_cfg, proc.sample.sampler if proc.sample else "flowmatch"
+        unknown = set(proc.model.model_paths) - set(TEXT_PARTS)
+        if unknown:
+            raise ValueError(f"model.model_paths: {sorted(unknown)} not supported for flux (use {', '.join(TEXT_PARTS)}; "
+                             "the transformer is name_or_path, the VAE vae_path)")
         if tc.timestep_type not in flow.TIMESTEP_TYPES:
             raise ValueError(f"train.timestep_type '{tc.timestep_type}' is not supported yet for flux "
                              f"(supported: {', '.join(flow.TIMESTEP_TYPES)})")
@@ -60,20 +66,23 @@ class Flux:
         load = dict(torch_dtype=DTYPES[self.model_cfg.te_dtype or self.train_cfg.dtype], local_files_only=True)
         vae_dtype = DTYPES[self.model_cfg.vae_dtype or self.train_cfg.dtype]
         vae, vae_source = load_vae(self.model_cfg.vae_path, root, vae_dtype)
+        paths = {k: Path(v).expanduser() for k, v in self.model_cfg.model_paths.items()}
         transformer = load_flux_single_file(single, self.dtype) if single else FluxTransformer2DModel.from_pretrained(
             main_root, subfolder="transformer", torch_dtype=self.dtype, local_files_only=True)
         self.attach(
             transformer=transformer,
             vae=vae,
-            text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **load),
-            text_encoder_2=T5EncoderModel.from_pretrained(root, subfolder="text_encoder_2", **load),
-            tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True),
-            tokenizer_2=AutoTokenizer.from_pretrained(root / "tokenizer_2", local_files_only=True),
+            text_encoder=load_text_encoder(CLIPTextModel, paths.get("text_encoder", root / "text_encoder"), root,
+                                           "text_encoder", load["torch_dtype"]),
+            text_encoder_2=load_text_encoder(T5EncoderModel, paths.get("text_encoder_2", root / "text_encoder_2"), root,
+                                             "text_encoder_2", load["torch_dtype"]),
+            tokenizer=AutoTokenizer.from_pretrained(paths.get("tokenizer", root / "tokenizer"), local_files_only=True),
+            tokenizer_2=AutoTokenizer.from_pretrained(paths.get("tokenizer_2", root / "tokenizer_2"), local_files_only=True),
             scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True),
         )
         self.latent_fingerprint = folder_fingerprint(vae_source, extra=f"flux:{vae_dtype}")
-        self.text_fingerprint = folder_fingerprint(root / "text_encoder", root / "text_encoder_2", root / "tokenizer",
-                                                   root / "tokenizer_2", extra=f"flux:{self.max_sequence_length}:{self.dtype}")
+        self.text_fingerprint = folder_fingerprint(*(paths.get(c, root / c) for c in TEXT_PARTS),
+                                                   extra=f"flux:{self.max_sequence_length}:{self.dtype}")
 
     def attach(self, *, transformer, scheduler, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
                tokenizer_2=None) -> None:

@@ -355,6 +355,8 @@ class ModelConfig(Section):
     # a diffusers folder or HF repo id (local cache) for the components a single-file name_or_path lacks
     extras_name_or_path: str | None = None
     vae_path: str | None = None  # a VAE folder (config.json), a diffusers folder with vae/, or a single file
+    # component name -> its own folder or weights file (e.g. text_encoder: clip_l.safetensors); see the arch
+    model_paths: dict[str, str] = Field(default_factory=dict)
     vae_dtype: str | None = None  # unset: the architecture's choice (train.dtype, or fp32 for VAEs that overflow)
     te_dtype: str | None = None  # unset: train.dtype
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -372,7 +374,7 @@ class ModelConfig(Section):
         "split_model_over_gpus": False, "split_model_other_module_param_count_scale": 0.3, "te_name_or_path": None,
         "layer_offloading_transformer_percent": 1.0, "layer_offloading_text_encoder_percent": 1.0,
         "accuracy_recovery_adapter": None, "block_compile": False, "compile_mode": "default",
-        "compile_fullgraph": False, "compile_dynamic": True, "cache_size_limit": None, "model_paths": {},
+        "compile_fullgraph": False, "compile_dynamic": True, "cache_size_limit": None,
         "in_context": False,
     }
 
