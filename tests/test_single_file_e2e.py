@@ -114,3 +114,28 @@ def test_text_encoders_from_their_own_files(tiny_flux, dataset, tmp_path, write_
     loaded = load_text_encoder(T5EncoderModel, tmp_path / "t5xxl_fp16.safetensors", tiny_flux, "text_encoder_2", torch.float32)
     ids = torch.tensor([[5, 6, 7, 1]])
     torch.testing.assert_close(loaded(ids).last_hidden_state, t5(ids).last_hidden_state, atol=2e-3, rtol=2e-3)
+
+
+def test_sdxl_with_a_vae_from_a_single_file(tiny_sdxl, dataset, tmp_path, write_config):
+    from diffusers import AutoencoderKL
+
+    from eridiffusion.archs.sdxl_formats import diffusers_to_sgm
+
+    vae = AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae", local_files_only=True)
+    sgm = diffusers_to_sgm({"vae": vae.state_dict()})
+    save_file({k[len("first_stage_model."):]: v.contiguous() for k, v in sgm.items()}, str(tmp_path / "vae-fix.safetensors"))
+    cfg = train_config(tiny_sdxl, dataset, tmp_path / "out", arch="sdxl", steps=2, sample={"prompts": []},
+                       model={"vae_path": str(tmp_path / "vae-fix.safetensors")})
+    assert cli.main([str(write_config(cfg))]) == 0
+    loaded = AutoencoderKL.from_single_file(str(tmp_path / "vae-fix.safetensors"), config=str(tiny_sdxl), subfolder="vae",
+                                            local_files_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), vae.state_dict().values()))
+
+
+def test_incomplete_tokenizer_folder_names_the_files(tiny_flux, dataset, tmp_path, write_config, capsys):
+    folder = shutil.copytree(tiny_flux / "tokenizer", tmp_path / "clip-tokenizer")
+    (folder / "merges.txt").unlink()
+    cfg = train_config(tiny_flux, dataset, tmp_path / "out", model={"model_paths": {"tokenizer": str(folder)}})
+    assert cli.main([str(write_config(cfg))]) == 1
+    err = capsys.readouterr().err
+    assert "merges.txt" in err and "tokenizer.json" in err

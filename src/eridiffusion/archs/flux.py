@@ -14,6 +14,7 @@ from ..train.dtypes import DTYPES
 from .base import LoraTargets, SampleRequest
 from .common import folder_fingerprint, load_text_encoder, load_vae, resolve_roots
 from .flux_formats import load_flux_single_file
+from .sources import find_tokenizer_files
 
 COMPONENTS = ["transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"]
 BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
@@ -76,8 +77,10 @@ class Flux:
                                            "text_encoder", load["torch_dtype"]),
             text_encoder_2=load_text_encoder(T5EncoderModel, paths.get("text_encoder_2", root / "text_encoder_2"), root,
                                              "text_encoder_2", load["torch_dtype"]),
-            tokenizer=AutoTokenizer.from_pretrained(paths.get("tokenizer", root / "tokenizer"), local_files_only=True),
-            tokenizer_2=AutoTokenizer.from_pretrained(paths.get("tokenizer_2", root / "tokenizer_2"), local_files_only=True),
+            tokenizer=AutoTokenizer.from_pretrained(find_tokenizer_files(
+                paths.get("tokenizer", root / "tokenizer"), [["vocab.json", "merges.txt"], ["tokenizer.json"]]), local_files_only=True),
+            tokenizer_2=AutoTokenizer.from_pretrained(find_tokenizer_files(
+                paths.get("tokenizer_2", root / "tokenizer_2"), [["spiece.model"], ["tokenizer.json"]]), local_files_only=True),
             scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True),
         )
         self.latent_fingerprint = folder_fingerprint(vae_source, extra=f"flux:{vae_dtype}")

@@ -15,7 +15,7 @@ from ..objectives import ddpm
 from ..objectives.flow import per_sample_mse
 from ..train.dtypes import DTYPES
 from .base import LoraTargets, SampleRequest
-from .common import folder_fingerprint, require_diffusers_folder
+from .common import folder_fingerprint, load_vae, require_diffusers_folder
 from .sources import resolve_model_source
 
 # sample.sampler -> (diffusers scheduler, extra config); built from the model's own scheduler config
@@ -70,11 +70,11 @@ class SDXL:
         vae_dtype = DTYPES[self.model_cfg.vae_dtype] if self.model_cfg.vae_dtype else (
             torch.float32 if force_upcast else self.dtype)
         text_encoders, tokenizers = self.load_text(root, te_dtype)
+        vae, vae_source = load_vae(self.model_cfg.vae_path, root, vae_dtype)  # e.g. an fp16-fix VAE
         self.attach(unet=UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=self.dtype, local_files_only=True),
                     scheduler=EulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True),
-                    vae=AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True, torch_dtype=vae_dtype),
-                    text_encoders=text_encoders, tokenizers=tokenizers)
-        self.latent_fingerprint = folder_fingerprint(root / "vae", extra=f"{type(self).__name__}:{vae_dtype}")
+                    vae=vae, text_encoders=text_encoders, tokenizers=tokenizers)
+        self.latent_fingerprint = folder_fingerprint(vae_source, extra=f"{type(self).__name__}:{vae_dtype}")
         self.text_fingerprint = folder_fingerprint(*(root / c for c in self.components if c.startswith(("text", "token"))),
                                                    extra=f"{type(self).__name__}:{te_dtype}")
 
