@@ -30,6 +30,13 @@ def atomic_write(path: Path, write) -> None:
         os.close(dir_fd)
 
 
+def remove_partial_files(run_dir: Path) -> None:
+    """Temporary files of saves that a crash interrupted (they never replaced a complete file)."""
+    for folder in (run_dir, run_dir / STATE_DIR):
+        for f in folder.glob(".*.tmp*") if folder.is_dir() else []:
+            f.unlink(missing_ok=True)
+
+
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))

@@ -26,6 +26,17 @@ from .dtypes import DTYPES, SAVE_DTYPES
 from .optim import build_optimizer, build_scheduler
 
 
+MAX_NAN_IN_A_ROW = 10  # skipped NaN/inf steps in a row before a run stops
+
+
+def logged_step(line: str) -> float:
+    """The step of a log.jsonl line; a line cut short by a crash counts as past every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
@@ -71,7 +82,7 @@ class Stepper:
         self.dtype, self.max_grad_norm, self.generator, self.ema = dtype, max_grad_norm, generator, ema
         self.device_type = generator.device.type
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=dtype == torch.float16)
-        self.nan_steps = 0
+        self.nan_steps = self.nan_in_a_row = 0
 
     def autocast(self):
         # frozen weights are stored in the compute dtype, LoRA weights in fp32: autocast meets them halfway
@@ -90,8 +101,10 @@ class Stepper:
         if not math.isfinite(total):  # never apply a NaN/inf update
             self.optimizer.zero_grad(set_to_none=True)
             self.nan_steps += 1
+            self.nan_in_a_row += 1
             self.scheduler.step()
             return total
+        self.nan_in_a_row = 0
         self.scaler.unscale_(self.optimizer)
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
@@ -197,12 +210,12 @@ class Run:
     def train(self) -> Path:
         tc, save_cfg, sample_cfg = self.proc.train, self.proc.save, self.proc.sample
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_partial_files(self.run_dir)
         resumed = self.resume()
         log_path = self.run_dir / "log.jsonl"
-        if resumed and log_path.exists():  # drop lines of steps after the checkpoint: they are done again
-            lines = log_path.read_text().splitlines()
-            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= self.step]
-            log_path.write_text("".join(line + "\n" for line in kept))
+        if log_path.exists():  # keep the lines of steps up to the checkpoint: later ones are done again
+            log_path.write_text("".join(line + "\n" for line in log_path.read_text().splitlines()
+                                        if logged_step(line) <= self.step))
         log = open(log_path, "a")
         if self.previewer and (tc.force_first_sample or (not resumed and not tc.skip_first_sample)):
             self.sample()
@@ -223,6 +236,11 @@ class Run:
                 if self.step % self.proc.logging.log_every == 0 and window:
                     bar.write(f"step {self.step}: mean loss {sum(window) / len(window):.4f} over {len(window)} steps, lr {lr:.2e}")
                     window = []
+                if self.stepper.nan_in_a_row >= MAX_NAN_IN_A_ROW:
+                    self.save(final=False)  # NaN steps changed no weight: this is the last good state
+                    raise FloatingPointError(
+                        f"the loss was NaN/inf for {MAX_NAN_IN_A_ROW} steps in a row (up to step {self.step}); the "
+                        f"checkpoint is saved. Lower train.lr, train in bf16 or fp32 rather than fp16, or check the data")
                 last = self.step == tc.steps
                 if last or self.step % save_cfg.save_every == 0:
                     self.save(final=last)
@@ -324,6 +342,14 @@ class Run:
                 "conv": net.conv, "components": sorted(self.components), "n_params": len(self.params)}
 
     def save(self, final: bool) -> None:
+        try:
+            self._save(final)
+        except OSError as e:  # full disk, permissions: the previous complete checkpoint is untouched
+            last = ckpt.latest_state(self.run_dir)
+            raise OSError(f"could not save step {self.step} in {self.run_dir}: {e}. The last complete checkpoint is "
+                          f"{last or 'none'}; free space or fix the folder, then run the same config again to resume") from e
+
+    def _save(self, final: bool) -> None:
         name = self.proc.name
         path = self.run_dir / f"{name}.safetensors" if final else ckpt.step_file(self.run_dir, name, self.step)
         with self.ema_weights():
