@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -16,6 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", "--name", help="replaces config.name and every [name] in the config")
     parser.add_argument("--version", action="version", version=f"eridiffusion {__version__}")
     args = parser.parse_args(argv)
+    # warnings (skipped images, truncated captions, ...) reach the terminal
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         for arg in args.config:
             run_job(arg, args.name)

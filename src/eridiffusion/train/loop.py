@@ -224,7 +224,10 @@ class Run:
         with self.clean_stop() as stop:
             while self.step < tc.steps and not stop.is_set():
                 lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
-                loss = self.stepper.step([self.data.next_batch() for _ in range(tc.gradient_accumulation)])
+                try:
+                    loss = self.stepper.step([self.data.next_batch() for _ in range(tc.gradient_accumulation)])
+                except torch.OutOfMemoryError as e:
+                    self.out_of_memory(e)
                 self.step += 1
                 if math.isfinite(loss):
                     smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
@@ -255,6 +258,17 @@ class Run:
         bar.close()
         log.close()
         return self.run_dir / f"{self.proc.name}.safetensors"
+
+    def out_of_memory(self, error: Exception):
+        """Save the last complete step (the failed one changed nothing), then say what uses less memory."""
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        self.save(final=False)
+        raise MemoryError(
+            f"out of GPU memory at step {self.step + 1} ({str(error).splitlines()[0]}); the checkpoint of step {self.step} "
+            "is saved. To use less memory: lower train.batch_size or datasets[].resolution, keep "
+            "train.gradient_checkpointing: true, set cache_latents_to_disk and train.cache_text_embeddings: true, "
+            "use train.optimizer: adamw8bit, lower network.linear; then run the same config again to resume") from error
 
     @contextlib.contextmanager
     def clean_stop(self):
