@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import random
 import signal
@@ -26,6 +27,7 @@ from .dtypes import DTYPES, SAVE_DTYPES
 from .optim import build_optimizer, build_scheduler
 
 
+log = logging.getLogger(__name__)
 MAX_NAN_IN_A_ROW = 10  # skipped NaN/inf steps in a row before a run stops
 
 
@@ -147,6 +149,12 @@ class Run:
 
         self.arch = get_arch_class(proc.model.arch_name)(proc, self.device, self.dtype)
         self.arch.load()
+        div = self.arch.bucket_divisibility
+        for i, ds in enumerate(proc.datasets):
+            for res in ds.resolution:
+                if res % div:
+                    log.warning(f"datasets[{i}].resolution {res} is not a multiple of {div}, which {proc.model.arch_name} "
+                                f"needs: its buckets round down to at most {res // div * div} px a side")
         self.data = DataPipeline(proc.datasets, process_trigger=proc.trigger_word,
                                  divisibility=self.arch.bucket_divisibility, batch_size=tc.batch_size, seed=self.seed)
         self._prepare_caches()
