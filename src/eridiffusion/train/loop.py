@@ -31,6 +31,12 @@ log = logging.getLogger(__name__)
 MAX_NAN_IN_A_ROW = 10  # skipped NaN/inf steps in a row before a run stops
 
 
+def is_out_of_memory(error: Exception) -> bool:
+    # cuBLAS/cuDNN report a full GPU as RuntimeErrors of their own when they cannot create a handle or workspace
+    return isinstance(error, torch.OutOfMemoryError) or any(
+        s in str(error) for s in ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED"))
+
+
 def logged_step(line: str) -> float:
     """The step of a log.jsonl line; a line cut short by a crash counts as past every checkpoint."""
     try:
@@ -234,7 +240,9 @@ class Run:
                 lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
                 try:
                     loss = self.stepper.step([self.data.next_batch() for _ in range(tc.gradient_accumulation)])
-                except torch.OutOfMemoryError as e:
+                except (torch.OutOfMemoryError, RuntimeError) as e:
+                    if not is_out_of_memory(e):
+                        raise
                     self.out_of_memory(e)
                 self.step += 1
                 if math.isfinite(loss):
