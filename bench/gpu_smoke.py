@@ -15,15 +15,22 @@ from eridiffusion.archs import get_arch_class
 from eridiffusion.demo import DEMO_DATA_DIR
 
 
-def main(work: Path) -> int:
+def tiny_cuda_config(work: Path, **train) -> dict:
+    """The demo config on CUDA in bf16, pointed at a tiny Flux and the bundled data under `work`."""
     model = get_arch_class("flux").build_tiny(work / "tiny-flux")
     data = Path(shutil.copytree(DEMO_DATA_DIR, work / "dataset", dirs_exist_ok=True))
     config = yaml.safe_load((Path(cli.__file__).with_name("demo.yaml")).read_text().replace("${ERI_DEMO_DIR}", str(work)))
     proc = config["config"]["process"][0]
     proc.update(device="cuda:0", training_folder=str(work / "out"))
-    proc["train"].update(dtype="bf16", steps=30)
+    proc["train"].update(dtype="bf16", **train)
     proc["model"]["name_or_path"] = str(model)
     proc["datasets"][0]["folder_path"] = str(data)
+    return config
+
+
+def main(work: Path) -> int:
+    config = tiny_cuda_config(work, steps=30)
+    proc = config["config"]["process"][0]
     proc["save"]["save_every"] = 20
     path = work / "gpu.yaml"
     path.write_text(yaml.safe_dump(config))

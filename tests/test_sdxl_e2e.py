@@ -21,6 +21,15 @@ SAMPLE = {"sampler": "euler_a", "width": 32, "height": 32, "guidance_scale": 5.0
           "prompts": ["[trigger] a red circle"], "sample_every": 1000}
 
 
+def unet_inputs(text_len: int, text_dim: int) -> dict:
+    """Fixed inputs for a tiny SDXL-style UNet forward (32x32 pixels, 8x8 latents)."""
+    g = torch.Generator().manual_seed(0)
+    return dict(sample=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([500]),
+                encoder_hidden_states=torch.randn(1, text_len, text_dim, generator=g),
+                added_cond_kwargs={"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.tensor([[32., 32, 0, 0, 32, 32]])},
+                return_dict=False)
+
+
 def losses(run):
     return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
 
@@ -77,11 +86,7 @@ def test_kohya_file_loads_in_diffusers_and_matches_the_trainer(tiny_sdxl, datase
     linear = sorted({k.rsplit(".lora_", 1)[0] for k in state["unet"]} - set(conv))
     inject_lora(ours, linear, LoraSpec(rank=4, alpha=2), conv_targets=conv, conv_spec=LoraSpec(rank=2, alpha=1))
     load_lora_state(ours, state["unet"])
-    g = torch.Generator().manual_seed(0)
-    kw = dict(sample=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([500]),
-              encoder_hidden_states=torch.randn(1, 77, 64, generator=g),
-              added_cond_kwargs={"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.tensor([[32., 32, 0, 0, 32, 32]])},
-              return_dict=False)
+    kw = unet_inputs(text_len=77, text_dim=64)
     with torch.no_grad():
         expected, got = ours(**kw)[0], pipe.unet(**kw)[0]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
@@ -142,11 +147,7 @@ def test_kolors_trains_and_its_file_loads_in_diffusers(tmp_path_factory, dataset
     ours = UNet2DConditionModel.from_pretrained(model, subfolder="unet", local_files_only=True)
     inject_lora(ours, sorted({k.rsplit(".lora_", 1)[0] for k in state}), LoraSpec(rank=4, alpha=8))
     load_lora_state(ours, state)
-    g = torch.Generator().manual_seed(0)
-    kw = dict(sample=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([500]),
-              encoder_hidden_states=torch.randn(1, 16, 32, generator=g),
-              added_cond_kwargs={"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.tensor([[32., 32, 0, 0, 32, 32]])},
-              return_dict=False)
+    kw = unet_inputs(text_len=16, text_dim=32)
     with torch.no_grad():
         torch.testing.assert_close(pipe.unet(**kw)[0], ours(**kw)[0], atol=1e-5, rtol=1e-5)
 
@@ -176,11 +177,7 @@ def test_diffusers_layout_copy_loads_like_the_kohya_file(tiny_sdxl, dataset, tmp
     for name in ("test_lora.safetensors", "test_lora.diffusers.safetensors"):
         pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True)
         pipe.load_lora_weights(run / name)
-        g = torch.Generator().manual_seed(0)
-        kw = dict(sample=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([500]),
-                  encoder_hidden_states=torch.randn(1, 77, 64, generator=g),
-                  added_cond_kwargs={"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.tensor([[32., 32, 0, 0, 32, 32]])},
-                  return_dict=False)
+        kw = unet_inputs(text_len=77, text_dim=64)
         with torch.no_grad():
             outputs.append((pipe.unet(**kw)[0], pipe.encode_prompt("a red circle", device="cpu", do_classifier_free_guidance=False)[0]))
     torch.testing.assert_close(outputs[0][0], outputs[1][0], atol=1e-5, rtol=1e-5)
