@@ -17,20 +17,14 @@ class Previewer:
         self.folder = run_dir / "samples"
         div = arch.bucket_divisibility
         self.requests = []
-        for i, item in enumerate(sample_cfg.samples):
-            prompt = item.prompt.replace("[trigger]", trigger or "")
-            neg = item.neg if item.neg is not None else sample_cfg.neg
-            seed = item.seed if item.seed is not None else sample_cfg.seed + (i if sample_cfg.walk_seed else 0)
+        for item in sample_cfg.samples:  # the config has filled every field from the section (and walked the seed)
             self.requests.append((
                 SampleRequest(
-                    text=arch.encode_prompts([prompt]),
-                    neg_text=arch.encode_prompts([neg]) if neg else None,
-                    width=max(div, (item.width or sample_cfg.width) // div * div),
-                    height=max(div, (item.height or sample_cfg.height) // div * div),
-                    steps=item.sample_steps or sample_cfg.sample_steps,
-                    guidance_scale=item.guidance_scale if item.guidance_scale is not None else sample_cfg.guidance_scale,
-                    seed=seed),
-                item.network_multiplier if item.network_multiplier is not None else sample_cfg.network_multiplier))
+                    text=arch.encode_prompts([item.prompt.replace("[trigger]", trigger or "")]),
+                    neg_text=arch.encode_prompts([item.neg]) if item.neg else None,
+                    width=max(div, item.width // div * div), height=max(div, item.height // div * div),
+                    steps=item.sample_steps, guidance_scale=item.guidance_scale, seed=item.seed),
+                item.network_multiplier))
 
     def render(self, step: int, scaled) -> list[Path]:
         """`scaled(multiplier)` is a context manager that sets the LoRA strength for one image."""

@@ -1,8 +1,8 @@
 """Small helpers that several architecture modules share (local diffusers folders, fingerprints)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 from pathlib import Path
 
 
@@ -111,5 +111,25 @@ def folder_fingerprint(*folders: Path, extra: str = "") -> str:
     return h.hexdigest()[:16]
 
 
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+def encode_latents(vae, pixels, dtype):
+    """[B,3,H,W] in [-1,1] -> the latents the denoiser sees (posterior mode, shifted and scaled), refusing
+    NaN/inf so that no broken latent reaches a cache."""
+    import torch
+
+    with torch.no_grad():
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+    latents = ((latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).to(dtype)
+    if not torch.isfinite(latents).all():
+        raise FloatingPointError(f"the VAE produced NaN/inf latents in {vae.dtype} (and {dtype}); set model.vae_dtype: fp32")
+    return latents
+
+
+@contextlib.contextmanager
+def on_device(module, device):
+    """Run with `module` on `device`, then put it back where it was (e.g. a VAE kept on the CPU)."""
+    home = next(module.parameters()).device
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)

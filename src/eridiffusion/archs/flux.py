@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 from ..objectives import flow
 from ..train.dtypes import DTYPES
 from .base import LoraTargets, SampleRequest
-from .common import folder_fingerprint, load_text_encoder, load_vae, resolve_roots
+from .common import encode_latents, folder_fingerprint, load_text_encoder, load_vae, on_device, resolve_roots
 from .flux_formats import load_flux_single_file
 from .sources import find_tokenizer_files
 
@@ -118,11 +118,8 @@ class Flux:
         self.vae.to("cpu")
 
     # ---- conditioning --------------------------------------------------------------------------
-    @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self.vae
-        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
-        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+        return encode_latents(self.vae, pixels, self.dtype)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -183,9 +180,7 @@ class Flux:
     # ---- previews ------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, request: SampleRequest):
-        home = self.vae.device
-        self.vae.to(self.device)
-        try:
+        with on_device(self.vae, self.device):
             return self.pipe(
                 prompt_embeds=request.text["prompt_embeds"].to(self.device, self.dtype),
                 pooled_prompt_embeds=request.text["pooled_prompt_embeds"].to(self.device, self.dtype),
@@ -193,5 +188,3 @@ class Flux:
                 guidance_scale=request.guidance_scale, max_sequence_length=self.max_sequence_length,
                 generator=torch.Generator(self.device).manual_seed(request.seed),
             ).images[0]
-        finally:
-            self.vae.to(home)

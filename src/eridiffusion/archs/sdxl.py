@@ -15,7 +15,7 @@ from ..objectives import ddpm
 from ..objectives.flow import per_sample_mse
 from ..train.dtypes import DTYPES
 from .base import LoraTargets, SampleRequest
-from .common import folder_fingerprint, load_vae, require_diffusers_folder
+from .common import encode_latents, folder_fingerprint, load_vae, on_device, require_diffusers_folder
 from .sources import resolve_model_source
 
 # sample.sampler -> (diffusers scheduler, extra config); built from the model's own scheduler config
@@ -141,14 +141,7 @@ class SDXL:
 
     # ---- conditioning --------------------------------------------------------------------------
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self.vae
-        with torch.no_grad():
-            latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
-        latents = ((latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).to(self.dtype)
-        if not torch.isfinite(latents).all():  # never let a NaN latent into the cache
-            raise FloatingPointError(f"the VAE produced NaN/inf latents in {vae.dtype} (and {self.dtype}); "
-                                     "set model.vae_dtype: fp32")
-        return latents
+        return encode_latents(self.vae, pixels, self.dtype)
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         with torch.set_grad_enabled(self.train_cfg.train_text_encoder and torch.is_grad_enabled()):
@@ -233,17 +226,12 @@ class SDXL:
         cls, extra = SAMPLERS[self.sample_cfg.sampler if self.sample_cfg else "euler"]
         self.pipe.scheduler = cls.from_config(self.pipe.scheduler.config, **extra,
                                               prediction_type=self.prediction_type)
-        home = self.vae.device
-        self.vae.to(self.device)
         neg = request.neg_text or self.unconditional
-        try:
-            with torch.no_grad():
-                return self.pipe(
-                    prompt_embeds=request.text["prompt_embeds"].to(self.device),
-                    pooled_prompt_embeds=request.text["pooled_prompt_embeds"].to(self.device),
-                    negative_prompt_embeds=neg.get("prompt_embeds"), negative_pooled_prompt_embeds=neg.get("pooled_prompt_embeds"),
-                    width=request.width, height=request.height, num_inference_steps=request.steps,
-                    guidance_scale=request.guidance_scale, generator=torch.Generator(self.device).manual_seed(request.seed),
-                ).images[0]
-        finally:
-            self.vae.to(home)
+        with torch.no_grad(), on_device(self.vae, self.device):
+            return self.pipe(
+                prompt_embeds=request.text["prompt_embeds"].to(self.device),
+                pooled_prompt_embeds=request.text["pooled_prompt_embeds"].to(self.device),
+                negative_prompt_embeds=neg.get("prompt_embeds"), negative_pooled_prompt_embeds=neg.get("pooled_prompt_embeds"),
+                width=request.width, height=request.height, num_inference_steps=request.steps,
+                guidance_scale=request.guidance_scale, generator=torch.Generator(self.device).manual_seed(request.seed),
+            ).images[0]
