@@ -190,3 +190,9 @@ def test_compiled_model_trains_like_the_eager_one(tiny_flux, dataset, tmp_path, 
         assert cli.main([str(write_config(cfg, f"{compiled}.yaml"))]) == 0
         losses[compiled] = [r["loss"] for r in read_log(out / "test_lora")]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_unknown_model_kwargs_are_refused(tiny_flux, dataset, tmp_path, write_config, capsys):
+    cfg = train_config(tiny_flux, dataset, tmp_path / "out", model={"model_kwargs": {"vae_tiling": True}})
+    assert cli.main([str(write_config(cfg))]) == 1
+    assert "model.model_kwargs: ['vae_tiling'] not supported yet for flux" in capsys.readouterr().err

@@ -42,6 +42,8 @@ class Architecture(Protocol):
     # identify the VAE / text encoders so caches are invalidated when they change
     latent_fingerprint: str
     text_fingerprint: str
+    # model.model_kwargs keys this architecture reads, with their defaults (others are an error)
+    model_kwargs: dict
     # the module that is trained (transformer or UNet)
     denoiser: torch.nn.Module
 

@@ -32,11 +32,12 @@ def _time_text_embed_without_guidance(self, timestep, guidance, pooled_projectio
 
 class Flux:
     base_model_version = "flux.1"
+    model_kwargs = {"max_text_length": 512}  # the model.model_kwargs this architecture reads, with defaults
 
     def __init__(self, proc, device: torch.device, dtype: torch.dtype):
         self.model_cfg, self.train_cfg = proc.model, proc.train
         self.device, self.dtype = device, dtype
-        self.max_sequence_length = int(self.model_cfg.model_kwargs.get("max_text_length", 512))
+        self.max_sequence_length = int({**self.model_kwargs, **proc.model.model_kwargs}["max_text_length"])
         tc, sampler = self.train_cfg, proc.sample.sampler if proc.sample else "flowmatch"
         unknown = set(proc.model.model_paths) - set(TEXT_PARTS)
         if unknown:

@@ -38,6 +38,7 @@ class SDXL:
     base_model_version = "sdxl_1.0"
     components = ["unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"]
     te_keys, te_linears = ("te1", "te2"), TE_LINEARS
+    model_kwargs: dict = {}  # the model.model_kwargs this architecture reads
 
     def __init__(self, proc, device: torch.device, dtype: torch.dtype):
         self.model_cfg, self.train_cfg, self.sample_cfg = proc.model, proc.train, proc.sample

@@ -153,7 +153,12 @@ class Run:
         random.seed(self.seed), np.random.seed(self.seed % 2**32), torch.manual_seed(self.seed)
         self.generator = torch.Generator(self.device).manual_seed(self.seed)
 
-        self.arch = get_arch_class(proc.model.arch_name)(proc, self.device, self.dtype)
+        arch_cls = get_arch_class(proc.model.arch_name)
+        unknown = set(proc.model.model_kwargs) - set(arch_cls.model_kwargs)
+        if unknown:  # a free-form section: keys no architecture reads must not pass silently
+            raise ValueError(f"model.model_kwargs: {sorted(unknown)} not supported yet for {proc.model.arch_name} "
+                             f"(known: {sorted(arch_cls.model_kwargs) or 'none'})")
+        self.arch = arch_cls(proc, self.device, self.dtype)
         self.arch.load()
         div = self.arch.bucket_divisibility
         for i, ds in enumerate(proc.datasets):
