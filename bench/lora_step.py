@@ -3,10 +3,14 @@ checkpointing, bf16, AdamW, cached latents and text embeddings), timed as ../sha
 times its step: 2 warm-up steps (4 when compiled), then the mean of 8, peak memory after the warm-up.
 Run both in one device call and compare ratios.
 
-  PYTHONPATH=src python3 bench/lora_step.py {flux|sdxl} [--bs N] [--eager]
+  PYTHONPATH=src python3 bench/lora_step.py {flux|sdxl} [--bs N] [--eager] [--qtype float8|int8|nf4]
+                                           [--swap K] [--cap GIB] [--error]
 
 By default the step is what a run does with `model.compile` unset: on CUDA with Triton, regional
-torch.compile of the repeated blocks. `--eager` measures `model.compile: false`.
+torch.compile of the repeated blocks. `--eager` measures `model.compile: false`. `--qtype` quantizes the
+frozen base as `model.quantize` does, `--swap K` swaps the last K blocks (block swap), `--cap GIB` limits
+the process to that much GPU memory (a 24 GB card: --cap 24), `--error` reports the relative output error
+of the quantized base against bf16 on fixed inputs (no LoRA) before timing.
 """
 import argparse
 import json
@@ -18,6 +22,8 @@ import torch
 
 from eridiffusion.adapters import LoraSpec, inject_lora
 from eridiffusion.archs import get_arch_class
+from eridiffusion.archs.blockwise import FrozenBase, finish_loaded
+from eridiffusion.quant import Quantizer, relative_error
 from eridiffusion.config import parse_config
 from eridiffusion.data import Batch
 from eridiffusion.train.compile import compile_denoiser, want_compile
@@ -28,7 +34,7 @@ torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention backward fails on Flux shapes (torch 2.11 + CUDA 13)
 
 
-def build(arch_name, arch, dev, bs):
+def build(arch_name, arch, dev, bs, finish=True):
     """The full-size denoiser with random weights, its scheduler, and one batch of latents/text."""
     g = torch.Generator(dev).manual_seed(0)
     r = lambda *s: torch.randn(*s, device=dev, dtype=torch.bfloat16, generator=g)
@@ -54,6 +60,7 @@ def build(arch_name, arch, dev, bs):
             scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
             latents, text = r(bs, 4, 128, 128), {"prompt_embeds": r(bs, 77, 2048), "pooled_prompt_embeds": r(bs, 1280)}
     torch.set_default_dtype(torch.float32)
+    model._eri_finished = not finish  # --error quantizes it after a bf16 forward
     arch.attach(**{"transformer" if arch_name == "flux" else "unet": model}, scheduler=scheduler)
     batch = Batch(pixels=None, latents=latents, captions=[""] * bs, text=text, original_sizes=[(1024, 1024)] * bs,
                   crop_top_lefts=[(0, 0)] * bs, target_sizes=[(1024, 1024)] * bs, paths=[], loss_weights=torch.ones(bs))
@@ -65,19 +72,48 @@ def main():
     ap.add_argument("arch", choices=["flux", "sdxl"])
     ap.add_argument("--bs", type=int, default=1)
     ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--qtype", choices=["float8", "int8", "nf4"])
+    ap.add_argument("--swap", type=int, default=0)
+    ap.add_argument("--cap", type=float)
+    ap.add_argument("--error", action="store_true")
     args = ap.parse_args()
     dev = torch.device("cuda")
+    if args.cap:
+        torch.cuda.set_per_process_memory_fraction(args.cap * 2**30 / torch.cuda.get_device_properties(dev).total_memory)
     cfg = {"job": "extension", "config": {"name": "bench", "process": [{
         "type": "sd_trainer", "device": "cuda:0", "network": {"type": "lora", "linear": 16, "linear_alpha": 16},
         "datasets": [{"folder_path": "unused"}], "model": {"name_or_path": "unused", "arch": args.arch},
         "train": {"batch_size": args.bs, "lr": 1e-4, "optimizer": "adamw", "dtype": "bf16", "gradient_checkpointing": True}}]}}
     proc = parse_config(cfg).config.process[0]
     arch = get_arch_class(args.arch)(proc, dev, torch.bfloat16)
-    model, batch = build(args.arch, arch, dev, args.bs)
+    arch.base = FrozenBase(dev, torch.bfloat16, quantizer=Quantizer(args.qtype, list(arch.quantize_exclude)),
+                           swap_blocks=args.swap)
+    error = None
+    if args.error:  # the bf16 output first, then the same model quantized in place
+        model, batch = build(args.arch, arch, dev, args.bs, finish=False)
+        outputs = []
+        hook = model.register_forward_hook(lambda m, a, out: outputs.append(out[0].detach().float()))
+        for _ in range(2):  # the same noise and timestep both times: only the weights differ
+            with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+                arch.training_loss(batch.latents, batch.text, batch, torch.Generator(dev).manual_seed(1))
+            if not outputs[1:]:
+                model._eri_finished = False
+                finish_loaded(model, arch.base, arch.block_lists)
+        hook.remove()
+        error = relative_error(outputs[1], outputs[0])
+        del outputs
+    else:
+        model, batch = build(args.arch, arch, dev, args.bs)
     params = []
     for t in arch.lora_components(transformer_only=True, train_text_encoder=False).values():
         params += inject_lora(t.module, t.linear, LoraSpec(rank=16, alpha=16), seed=0)
+    for p in params:
+        p.data = p.data.to(dev)
     model.enable_gradient_checkpointing()
+    if args.swap:
+        from eridiffusion.train.offload import BlockSwap
+
+        BlockSwap([b for n in arch.block_lists for b in getattr(model, n)], args.swap, dev).attach()
     model.train()
     compiled = want_compile(False if args.eager else None, dev)
     if compiled:
@@ -93,9 +129,11 @@ def main():
     for _ in range(8):
         stepper.step([batch])
     torch.cuda.synchronize()
-    key = f"{args.arch}_bs{args.bs}_ckpt" + ("" if compiled else "_eager")
+    key = (f"{args.arch}_bs{args.bs}_ckpt" + ("" if compiled else "_eager") + (f"_{args.qtype}" if args.qtype else "")
+           + (f"_swap{args.swap}" if args.swap else "") + (f"_cap{args.cap:g}" if args.cap else ""))
     result = {key: {"step_s": round((time.perf_counter() - t) / 8, 4),
-                    "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "n_lora": sum(p.numel() for p in params)}}
+                    "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "n_lora": sum(p.numel() for p in params),
+                    "output_error": None if error is None else round(error, 4)}}
     print(json.dumps(result))
     if os.environ.get("OUT"):
         json.dump(result, open(os.path.join(os.environ["OUT"], f"ours_{key}.json"), "w"))

@@ -271,7 +271,7 @@ def test_samples_from_prompts_with_flags(tmp_path):
 
 
 def test_resolved_dict_round_trips(tmp_path):
-    cfg = load_text(tmp_path, FLUX_24GB.replace("        quantize: true\n", ""))
+    cfg = load_text(tmp_path, FLUX_24GB)
     data = resolved_dict(cfg)
     assert data["config"]["process"][0]["train"]["lr"] == 1e-4 and data["config"]["process"][0]["sample"]["prompts"] == []
     again = load_text(tmp_path, yaml.safe_dump(data, sort_keys=False), name="config.yaml")
@@ -279,10 +279,9 @@ def test_resolved_dict_round_trips(tmp_path):
 
 
 def test_ai_toolkit_flux_24gb_example(tmp_path):
-    assert ("not supported yet: config.process[0].model.quantize = True "
-            "(EriDiffusion does not support it yet; remove the key)") in error_of(tmp_path, FLUX_24GB)
-    cfg = load_text(tmp_path, FLUX_24GB.replace("        quantize: true\n", ""))
+    cfg = load_text(tmp_path, FLUX_24GB)
     proc = process(cfg)
+    assert proc.model.quantize and proc.model.quantize_te and proc.model.qtype == "qfloat8"
     assert cfg.job == "extension" and proc.name == "my_first_flux_lora_v1" and proc.trigger_word == "p3r5on"
     assert (proc.network.type, proc.network.linear, proc.network.linear_alpha) == ("lora", 16, 16.0)
     assert (proc.save.dtype, proc.save.save_every, proc.save.max_step_saves_to_keep) == ("float16", 250, 4)
@@ -298,3 +297,17 @@ def test_ai_toolkit_flux_24gb_example(tmp_path):
     assert len(s.samples) == 10 and [x.seed for x in s.samples] == list(range(42, 52))
     assert all((x.width, x.height, x.neg) == (1024, 1024, "") for x in s.samples)
     assert cfg.meta == {"name": "my_first_flux_lora_v1", "version": "1.0"}
+
+
+def test_quantize_keys(tmp_path):
+    cfg = {"job": "extension", "config": {"name": "q", "process": [{
+        "type": "sd_trainer", "datasets": [{"folder_path": "x"}],
+        "model": {"name_or_path": "m", "quantize": True, "qtype": "uint3", "quantize_kwargs": {"exclud": ["a"]}}}]}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(cfg)
+    message = str(info.value)
+    assert "model.qtype = 'uint3'" in message and "nf4" in message
+    assert "quantize_kwargs.exclud" in message and "exclude" in message
+    cfg["config"]["process"][0]["model"].update(qtype="QINT8", quantize_kwargs={"exclude": ["*time_text_embed*"]})
+    model = parse_config(cfg).config.process[0].model
+    assert model.qtype == "qint8" and model.quantize_te and model.quantize_kwargs.exclude == ["*time_text_embed*"]

@@ -11,6 +11,8 @@ from typing import Protocol
 import torch
 from PIL import Image
 
+from .blockwise import FrozenBase
+
 
 @dataclass
 class LoraTargets:
@@ -46,8 +48,14 @@ class Architecture(Protocol):
     model_kwargs: dict
     # the module that is trained (transformer or UNet)
     denoiser: torch.nn.Module
+    # the denoiser's lists of repeated blocks in execution order (block swap); () where there are none
+    block_lists: tuple[str, ...]
+    # denoiser Linear layers kept in full precision when the base is quantized (module names, shell patterns)
+    quantize_exclude: list[str]
 
-    def load(self) -> None: ...
+    def load(self, base: FrozenBase | None = None) -> None:
+        """Load every component; `base` says how the frozen denoiser is finished block by block as it loads
+        (assistant LoRA fused, quantized, moved or kept on the host) and how text encoders are quantized."""
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B,3,H,W] in [-1,1] -> latents [B,C,h,w] as the denoiser sees them (scaled/shifted)."""

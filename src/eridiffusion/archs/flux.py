@@ -13,7 +13,8 @@ from ..objectives import flow
 from ..train.dtypes import DTYPES
 from .base import LoraTargets, SampleRequest
 from .common import encode_latents, folder_fingerprint, load_text_encoder, load_vae, on_device, resolve_roots
-from .flux_formats import load_flux_single_file
+from .blockwise import FrozenBase, finish_loaded, folder_readers, materialize, read_units
+from .flux_formats import BLOCK_LISTS, load_flux_single_file
 from .sources import find_tokenizer_files
 
 COMPONENTS = ["transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"]
@@ -32,6 +33,10 @@ def _time_text_embed_without_guidance(self, timestep, guidance, pooled_projectio
 
 class Flux:
     base_model_version = "flux.1"
+    block_lists = BLOCK_LISTS  # the repeated blocks, in execution order (block swap, block-wise loading)
+    # kept in full precision when the base is quantized: the input/output projections and the timestep,
+    # guidance and pooled-text embedders are tiny and every token's result goes through them
+    quantize_exclude = ["x_embedder", "context_embedder", "proj_out", "norm_out*", "time_text_embed*"]
     model_kwargs = {"max_text_length": 512}  # the model.model_kwargs this architecture reads, with defaults
 
     def __init__(self, proc, device: torch.device, dtype: torch.dtype):
@@ -63,14 +68,21 @@ class Flux:
         return build_tiny_flux(folder, **kw)
 
     # ---- loading -------------------------------------------------------------------------------
-    def load(self) -> None:
+    def load(self, base: FrozenBase | None = None) -> None:
+        self.base = base or FrozenBase(self.device, self.dtype)
         single, main_root, root = resolve_roots(self.model_cfg, COMPONENTS, "transformer")
         load = dict(torch_dtype=DTYPES[self.model_cfg.te_dtype or self.train_cfg.dtype], local_files_only=True)
         vae_dtype = DTYPES[self.model_cfg.vae_dtype or self.train_cfg.dtype]
         vae, vae_source = load_vae(self.model_cfg.vae_path, root, vae_dtype)
         paths = {k: Path(v).expanduser() for k, v in self.model_cfg.model_paths.items()}
-        transformer = load_flux_single_file(single, self.dtype) if single else FluxTransformer2DModel.from_pretrained(
-            main_root, subfolder="transformer", torch_dtype=self.dtype, local_files_only=True)
+        if single:
+            transformer = load_flux_single_file(single, self.dtype, self.base)
+        else:
+            with torch.device("meta"):  # filled block by block, each block finished (quantized, moved) as it arrives
+                transformer = FluxTransformer2DModel.from_config(
+                    FluxTransformer2DModel.load_config(main_root, subfolder="transformer", local_files_only=True))
+            folder = main_root / "transformer"
+            materialize(transformer, read_units(folder_readers(folder), BLOCK_LISTS), self.base, BLOCK_LISTS, str(folder))
         self.attach(
             transformer=transformer,
             vae=vae,
@@ -92,7 +104,12 @@ class Flux:
                tokenizer_2=None) -> None:
         """Take loaded components (from `load()`, or built in memory by a benchmark) and place them."""
         self.transformer, self.vae, self.text_encoder, self.text_encoder_2 = transformer, vae, text_encoder, text_encoder_2
-        for m in (transformer, vae, text_encoder, text_encoder_2):
+        self.base = getattr(self, "base", None) or FrozenBase(self.device, self.dtype)
+        finish_loaded(transformer.eval(), self.base, BLOCK_LISTS)
+        for m in (text_encoder, text_encoder_2):
+            if m is not None:
+                self.base.te_quantizer(m.requires_grad_(False))
+        for m in (vae, text_encoder, text_encoder_2):
             if m is not None:
                 m.requires_grad_(False).eval().to(self.device)
         if self.train_cfg.bypass_guidance_embedding and transformer.config.guidance_embeds:

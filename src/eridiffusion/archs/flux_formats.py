@@ -8,7 +8,7 @@ inverse, so diffusers -> BFL is written here (the same correspondences as ComfyU
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from functools import cache
 from pathlib import Path
 
@@ -16,9 +16,11 @@ import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
-from .sources import load_state_dict_file
+from .sources import SAFETENSORS_SUFFIXES, _require_weight_suffix, load_state_dict_file
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")  # the repeated blocks, in execution order
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # ComfyUI/ldm full checkpoints; bare diffusion-model files
 # Present in every FLUX.1-architecture transformer (dev, schnell, Flex.1, Fill/Depth/Canny); Chroma lacks
 # vector_in and FLUX.2 lacks per-block modulation, so neither passes
@@ -210,30 +212,73 @@ def diffusers_to_bfl(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
-def _dequantize_scaled_fp8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # ComfyUI's "scaled fp8" files store weight / scale_weight plus a `scaled_fp8` marker; multiply back
-    # as ComfyUI does (in the compute dtype). scale_input only steers fp8 matmuls, so it is dropped
-    if "scaled_fp8" not in sd:
-        return sd
-    out = {}
-    for k, v in sd.items():
-        if k == "scaled_fp8" or k.endswith((".scale_weight", ".scale_input")):
-            continue
-        scale = sd.get(k.removesuffix("weight") + "scale_weight") if k.endswith(".weight") else None
-        out[k] = v if scale is None else v * scale.to(v.dtype)
-    return out
+def _split_rows(t: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
+    # float8 has few CPU kernels: split its bytes; .clone() gives each piece its own storage
+    raw = t.view(torch.uint8) if t.dtype in FLOAT8 else t
+    return [p.clone().view(t.dtype) for p in raw.split(widths)]
 
 
-def load_flux_single_file(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> FluxTransformer2DModel:
+def _bfl_chunks(reader, config: Mapping) -> Iterator[dict[str, torch.Tensor]]:
+    """BFL-layout tensors -> diffusers-layout state-dict chunks: the top-level layers, then one block at a
+    time (the inverse of diffusers_to_bfl's tables, so that a block is converted without the whole file).
+    ComfyUI scaled-fp8 `<layer>.scale_weight` entries travel with their weights."""
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    prefix = next((p for p in PREFIXES if any(k.startswith(p) for k in reader.keys())), "")
+    keys = [k[len(prefix):] for k in reader.keys() if k.startswith(prefix) and not k.endswith(".scale_input")
+            and k[len(prefix):] != "scaled_fp8"]
+    read = lambda k: reader.read(prefix + k)
+
+    def rename(table: Mapping[str, str], src: str, dst: str, bfl: set[str], out: dict) -> None:
+        for a, b in table.items():  # diffusers a <- BFL b
+            for param in ("weight", "bias", "scale_weight"):
+                if f"{src}{b}.{param}" in bfl:
+                    out[f"{dst}{a}.{param}"] = read(f"{src}{b}.{param}")
+
+    top = {k for k in keys if not k.startswith(("double_blocks.", "single_blocks."))}
+    out: dict[str, torch.Tensor] = {}
+    rename(_TOP | _GUIDANCE, "", "", top, out)
+    for param in ("weight", "bias"):
+        out[f"norm_out.linear.{param}"] = _swap_halves(read(f"final_layer.adaLN_modulation.1.{param}"))
+    if "final_layer.adaLN_modulation.1.scale_weight" in top:
+        out["norm_out.linear.scale_weight"] = read("final_layer.adaLN_modulation.1.scale_weight")
+    yield out
+    for dst_prefix, src_prefix, renames, fused, norms in _BLOCKS:
+        count = config["num_layers"] if dst_prefix.startswith("transformer") else config["num_single_layers"]
+        for i in range(count):
+            src, dst = f"{src_prefix}{i}.", f"{dst_prefix}{i}."
+            bfl = {k for k in keys if k.startswith(src)}
+            out = {}
+            rename(renames, src, dst, bfl, out)
+            for b, parts in fused.items():
+                widths = [hidden] * 3 + ([4 * hidden] if len(parts) == 4 else [])  # single blocks' MLP is 4x wide
+                for param in ("weight", "bias"):
+                    for name, piece in zip(parts, _split_rows(read(f"{src}{b}.{param}"), widths)):
+                        out[f"{dst}{name}.{param}"] = piece
+                if f"{src}{b}.scale_weight" in bfl:
+                    scale = read(f"{src}{b}.scale_weight")
+                    for name in parts:
+                        out[f"{dst}{name}.scale_weight"] = scale
+            for a, b in norms.items():
+                out[f"{dst}{a}.weight"] = read(f"{src}{b}.scale")
+            yield out
+
+
+def load_flux_single_file(path: str | Path, dtype: torch.dtype = torch.bfloat16, base=None) -> FluxTransformer2DModel:
     """A FluxTransformer2DModel from one BFL-layout file (bf16/fp16/fp32, float8_e4m3fn/e5m2, or ComfyUI
-    scaled fp8; prefixed or not), in `dtype`, with the config its shapes imply."""
+    scaled fp8; prefixed or not), read block by block and finished by `base` (quantized, moved), with the
+    config its shapes imply. float8 weights stay float8 when the base is stored in float8."""
+    from .blockwise import DictReader, FrozenBase, SafetensorsReader, materialize
+
     path = Path(path)
-    raw = load_state_dict_file(path, dtype=dtype)  # float8 is widened here: CPU has few float8 kernels
-    sd = _dequantize_scaled_fp8(_transformer_part(raw))
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        reader = SafetensorsReader(_require_weight_suffix(path, "weights file"))
+    else:
+        reader = DictReader(load_state_dict_file(path))
+    shapes = {k: reader.meta(k) for k in reader.keys()}
+    sd = {k: v for k, v in _transformer_part(shapes).items() if k != "scaled_fp8" and not k.endswith((".scale_weight", ".scale_input"))}
     if not is_bfl_flux(sd):
         raise ValueError(f"{path} is not a FLUX.1 transformer in the Black Forest Labs layout: it "
-                         f"{describe_checkpoint(raw)}")
-    del raw
+                         f"{describe_checkpoint(list(shapes))}")
     config = infer_flux_config(sd)
     with torch.device("meta"):  # no random init of 12B weights that are replaced at once
         model = FluxTransformer2DModel.from_config(config)
@@ -247,5 +292,5 @@ def load_flux_single_file(path: str | Path, dtype: torch.dtype = torch.bfloat16)
         raise ValueError(f"{path}: the weights do not fit the Flux transformer their shapes describe ({what}): "
                          f"{len(missing)} missing {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}, "
                          f"{len(wrong)} of the wrong shape {wrong[:5]}")
-    model.load_state_dict(bfl_to_diffusers(sd, config), strict=True, assign=True)
-    return model.eval()
+    base = base or FrozenBase(torch.device("cpu"), dtype)
+    return materialize(model, _bfl_chunks(reader, config), base, BLOCK_LISTS, str(path))

@@ -25,8 +25,8 @@ class Kolors(SDXL):
 
         return build_tiny_kolors(folder, **kw)
 
-    def load(self) -> None:
-        super().load()
+    def load(self, base=None) -> None:
+        super().load(base)
         # KolorsPipeline encodes an empty negative prompt rather than zeroing it: keep one for previews
         with torch.no_grad():
             self.unconditional = {k: v.detach() for k, v in self.encode_prompts([""]).items()}

@@ -15,6 +15,7 @@ from ..objectives import ddpm
 from ..objectives.flow import per_sample_mse
 from ..train.dtypes import DTYPES
 from .base import LoraTargets, SampleRequest
+from .blockwise import FrozenBase, finish_loaded
 from .common import encode_latents, folder_fingerprint, load_vae, on_device, require_diffusers_folder
 from .sources import resolve_model_source
 
@@ -36,6 +37,10 @@ TE_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # kohya's
 
 class SDXL:
     base_model_version = "sdxl_1.0"
+    # the UNet has no long run of identical blocks to swap; each top-level part is one loading unit
+    block_lists: tuple[str, ...] = ()
+    # kept in full precision when the base is quantized: the timestep and micro-conditioning embeddings
+    quantize_exclude = ["time_embedding*", "add_embedding*"]
     components = ["unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"]
     te_keys, te_linears = ("te1", "te2"), TE_LINEARS
     model_kwargs: dict = {}  # the model.model_kwargs this architecture reads
@@ -60,7 +65,8 @@ class SDXL:
         return build_tiny_sdxl(folder, **kw)
 
     # ---- loading -------------------------------------------------------------------------------
-    def load(self) -> None:
+    def load(self, base: FrozenBase | None = None) -> None:
+        self.base = base or FrozenBase(self.device, self.dtype)
         source = resolve_model_source(self.model_cfg.name_or_path)
         if source.kind == "single_file":
             return self.load_single_file(source.path)
@@ -82,7 +88,11 @@ class SDXL:
     def attach(self, *, unet, scheduler, vae=None, text_encoders=(), tokenizers=()) -> None:
         """Take loaded components (from `load()`, or built in memory by a benchmark) and place them."""
         self.unet, self.vae, self.text_encoders, self.tokenizers = unet, vae, list(text_encoders), list(tokenizers)
-        for m in (unet, vae, *self.text_encoders):
+        self.base = getattr(self, "base", None) or FrozenBase(self.device, self.dtype)
+        finish_loaded(unet.eval(), self.base, self.block_lists)
+        for m in self.text_encoders:
+            self.base.te_quantizer(m.requires_grad_(False))
+        for m in (vae, *self.text_encoders):
             if m is not None:
                 m.requires_grad_(False).eval().to(self.device)
         self.pipe = self.make_pipeline(scheduler) if vae is not None else None

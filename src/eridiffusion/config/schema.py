@@ -269,6 +269,9 @@ class TrainConfig(Section):
     noise_offset: float = Field(0.0, ge=0)
     start_step: int | None = Field(None, ge=0)
     sdp: bool = False  # PyTorch SDPA: what "native" attention already is
+    # EriDiffusion's memory plan: "auto" picks quantization, block swap and checkpointing to fit the free GPU
+    # memory; "off" (default) does what the config says, as ai-toolkit does
+    memory: str = "off"
     attention_backend: str = "native"  # diffusers attention backend, e.g. flash, _flash_3, sage
     limited = {
         "optimizer": ("adamw", "adam", "adamw8bit", "adam8bit", "sgd", "adafactor", "prodigy"),
@@ -276,6 +279,7 @@ class TrainConfig(Section):
         "timestep_type": ("sigmoid", "linear", "shift", "flux_shift", "weighted", "lumina2_shift", "lognorm_blend"),
         "content_or_style": ("balanced", "content", "style"),
         "loss_type": ("mse",),
+        "memory": ("off", "auto"),
     }
     unsupported = {
         "linear_timesteps": False, "unload_text_encoder": False, "xformers": False,
@@ -337,6 +341,11 @@ _ARCH_FLAGS = {"is_flux": "flux", "is_ssd": "ssd", "is_vega": "vega", "is_xl": "
 _ARCH_ALIASES = {"flex1": "flux"}
 
 
+class QuantizeKwargs(Section):
+    exclude: list[str] = Field(default_factory=list)  # module-name patterns kept in full precision
+    unsupported = {"include": None}
+
+
 class ModelConfig(Section):
     name_or_path: str
     arch: str | None = None  # as written, e.g. "wan21:14b"; read arch_name / arch_variant
@@ -362,23 +371,58 @@ class ModelConfig(Section):
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     # regional torch.compile of the denoiser; unset: on where it pays off (CUDA with Triton), see train/loop.py
     compile: bool | None = None
+    # quantized frozen base (quant.py): the denoiser's Linear weights stored in 8 or 4 bits
+    quantize: bool = False
+    qtype: str = "qfloat8"
+    quantize_te: bool | None = None  # unset: same as quantize, as in ai-toolkit
+    qtype_te: str = "qfloat8"
+    quantize_kwargs: QuantizeKwargs = Field(default_factory=QuantizeKwargs)
+    text_encoder_bits: int = 16  # 8 or 4: text encoders stored in int8 / nf4 (ai-toolkit's bitsandbytes key)
+    low_vram: bool = False  # quantize on the CPU before a block reaches the GPU (less GPU memory while loading)
+    # block swap: repeated denoiser blocks kept in pinned host memory and streamed to the GPU as they run
+    layer_offloading: bool = False
+    layer_offloading_transformer_percent: float = Field(1.0, ge=0, le=1)
+    layer_offloading_text_encoder_percent: float = Field(1.0, ge=0, le=1)
+    swap_blocks: int | None = Field(None, ge=0)  # EriDiffusion's: a block count instead of a percentage
+    # a LoRA fused into the base for training and taken out again for samples (FLUX.1-schnell's training adapter)
+    assistant_lora_path: str | None = None
     renamed = {"auto_memory": "layer_offloading"}
     unsupported = {
-        "low_vram": False, "attn_masking": False, "lora_path": None,
-        "assistant_lora_path": None, "inference_lora_path": None, "layer_offloading": False,
-        "quantize": False, "quantize_te": False, "qtype": "qfloat8", "qtype_te": "qfloat8", "quantize_kwargs": {},
+        "attn_masking": False, "lora_path": None, "inference_lora_path": None,
         "vae_device": None, "te_device": None, "refiner_name_or_path": None, "refiner_start_at": 0.5,
         "unconditional_lora_path": None, "latent_space_version": None, "use_text_encoder_1": True,
-        "use_text_encoder_2": True, "experimental_xl": False, "text_encoder_bits": 16, "unet_path": None,
+        "use_text_encoder_2": True, "experimental_xl": False, "unet_path": None,
         "unet_sample_size": None, "ignore_if_contains": None, "only_if_contains": None,
         "split_model_over_gpus": False, "split_model_other_module_param_count_scale": 0.3, "te_name_or_path": None,
-        "layer_offloading_transformer_percent": 1.0, "layer_offloading_text_encoder_percent": 1.0,
         "accuracy_recovery_adapter": None, "block_compile": False, "compile_mode": "default",
         "compile_fullgraph": False, "compile_dynamic": True, "cache_size_limit": None,
         "in_context": False,
     }
 
     _dtypes = field_validator("dtype", "vae_dtype", "te_dtype", mode="before")(_short_dtype)
+
+    @field_validator("qtype", "qtype_te")
+    @classmethod
+    def _qtype(cls, value: str, info: ValidationInfo) -> str:
+        from ..quant import storage_of
+
+        try:
+            storage_of(value, key=f"model.{info.field_name}")
+        except ValueError as e:
+            raise not_supported(value, str(e).partition(": ")[2] or str(e)) from None
+        return value.lower()
+
+    @field_validator("text_encoder_bits")
+    @classmethod
+    def _bits(cls, value: int) -> int:
+        if value not in (4, 8, 16):
+            raise ValueError("text_encoder_bits must be 16, 8 or 4")
+        return value
+
+    @model_validator(mode="after")
+    def _fill_quantize_te(self) -> ModelConfig:
+        self.quantize_te = self.quantize if self.quantize_te is None else self.quantize_te
+        return self
 
     @property
     def arch_alias(self) -> str | None:

@@ -21,23 +21,36 @@ def compile_denoiser(denoiser: torch.nn.Module, backend="inductor") -> None:
     names = set(getattr(denoiser, "_repeated_blocks", None) or ())
     blocks = [m for m in denoiser.modules() if type(m).__name__ in names] or [denoiser]
 
-    def fall_back(err: Exception) -> None:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"warning: torch.compile failed ({first[:200]}); continuing uncompiled (set model.compile: false to "
-              "skip compilation)", file=sys.stderr)
-        for block in blocks:
-            block._compiled_call_impl = None
+    warned = []
+
+    def fall_back(block, err: Exception) -> None:
+        # only the failing block: one that already ran compiled in this step must recompute (checkpointing) the same way
+        block._compiled_call_impl = None
+        if not warned:
+            warned.append(err)
+            text = str(err).strip() or type(err).__name__
+            print(f"warning: torch.compile failed ({text[:300]}); continuing uncompiled (set model.compile: false to "
+                  "skip compilation)", file=sys.stderr)
 
     for block in blocks:
-        compiled = torch.compile(block._call_impl, backend=backend)
+        compiled = torch.compile(_with_own_outputs(block._call_impl), backend=backend)
 
         def call(*args, _compiled=compiled, _block=block, **kwargs):
-            if _block._compiled_call_impl is None:  # another block already fell back
-                return _block._call_impl(*args, **kwargs)
             try:
                 return _compiled(*args, **kwargs)
             except torch._dynamo.exc.BackendCompilerFailed as err:
-                fall_back(err)
+                fall_back(_block, err)
                 return _block._call_impl(*args, **kwargs)
 
         block._compiled_call_impl = call  # what nn.Module.compile() sets; the module calls it instead of forward
+
+
+def _with_own_outputs(fn):
+    # a block returning views of one tensor (Flux's single block splits its output in two) breaks AOTAutograd
+    # once weights are tensor subclasses (quantized); a copy of each output costs one activation's bandwidth
+    def run(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        if isinstance(out, tuple):
+            return tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in out)
+        return out
+    return run

@@ -24,7 +24,9 @@ from ..sample import Previewer
 from . import checkpoint as ckpt
 from .compile import compile_denoiser, want_compile
 from .dtypes import DTYPES, SAVE_DTYPES
+from .memory import ModelSize, estimate, frozen_base, lora_state_bytes, make_plan, swap_request, usable_gpu_memory
 from .optim import build_optimizer, build_scheduler
+from ..quant import gib
 
 
 log = logging.getLogger(__name__)
@@ -159,7 +161,17 @@ class Run:
             raise ValueError(f"model.model_kwargs: {sorted(unknown)} not supported yet for {proc.model.arch_name} "
                              f"(known: {sorted(arch_cls.model_kwargs) or 'none'})")
         self.arch = arch_cls(proc, self.device, self.dtype)
-        self.arch.load()
+        self.assistant = self._assistant_lora() if proc.model.assistant_lora_path else None
+        self.base = frozen_base(proc, arch_cls, self.device, self.dtype,
+                                fuse=self.assistant.fuse_into if self.assistant else None)
+        self.base.plan = self._plan_memory
+        self.memory_plan = None
+        self.arch.load(self.base)
+        if self.assistant and self.assistant.unfused():
+            raise ValueError(f"model.assistant_lora_path: {len(self.assistant.unfused())} of its layers match no layer of "
+                             f"{proc.model.arch_name}, e.g. {self.assistant.unfused()[:3]}")
+        if self.base.quantizer.storage or self.base.te_quantizer.storage:
+            print(f"Quantized base: denoiser {self.base.quantizer.describe()}; text encoders {self.base.te_quantizer.describe()}")
         div = self.arch.bucket_divisibility
         for i, ds in enumerate(proc.datasets):
             for res in ds.resolution:
@@ -182,8 +194,18 @@ class Run:
         if proc.save.diffusers_lora and not hasattr(self.arch, "save_diffusers_lora"):
             raise ValueError(f"save.diffusers_lora: {proc.model.arch_name} LoRA files are already in diffusers' layout")
         self.params, groups = self._inject_lora()
-        if tc.gradient_checkpointing:
+        for p in self.params:  # LoRA of blocks kept in host memory (block swap) still trains on the device
+            p.data = p.data.to(self.device)
+        checkpointing = self.memory_plan.checkpointing if self.memory_plan else tc.gradient_checkpointing
+        if checkpointing:
             self.arch.denoiser.enable_gradient_checkpointing()
+        self.block_swap = None
+        if self.base.swap_blocks:
+            from .offload import BlockSwap
+
+            blocks = [b for name in self.arch.block_lists for b in getattr(self.arch.denoiser, name)]
+            self.block_swap = BlockSwap(blocks, self.base.swap_blocks, self.device)
+            self.block_swap.attach()
         if want_compile(proc.model.compile, self.device):
             compile_denoiser(self.arch.denoiser)
         self.train_mode(True)
@@ -199,6 +221,49 @@ class Run:
         self.step = tc.start_step or 0
         for _ in range(self.step):  # a forced start step starts the LR schedule there too
             self.scheduler.step()
+
+    def _assistant_lora(self):
+        """model.assistant_lora_path: a LoRA file of the denoiser, fused into the base as it loads."""
+        from safetensors.torch import load_file
+
+        from ..adapters.assistant import AssistantLora
+
+        path = Path(self.proc.model.assistant_lora_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"model.assistant_lora_path: {path} is not a file (a local LoRA .safetensors; "
+                                    "nothing is downloaded)")
+        states = self.arch.lora_from_file(load_file(path))
+        if len(states) != 1:
+            raise ValueError(f"model.assistant_lora_path: {path} adapts {sorted(states)}; only a denoiser LoRA is supported")
+        return AssistantLora.from_component_state(next(iter(states.values())), path)
+
+    def _plan_memory(self, model: torch.nn.Module, blocks: list[str]) -> None:
+        """Called with the meta-device denoiser before its weights are read: swap count from the config, or
+        with train.memory: auto, quantization/swap/checkpointing from the free GPU memory."""
+        proc, base = self.proc, self.base
+        swap = swap_request(proc, len(blocks))
+        if swap and not blocks:
+            raise ValueError(f"model.layer_offloading / swap_blocks: {proc.model.arch_name} has no repeated blocks to swap")
+        auto = proc.train.memory == "auto"
+        if swap and not proc.train.gradient_checkpointing:
+            raise ValueError("block swap needs train.gradient_checkpointing: true")
+        if self.device.type != "cuda":
+            base.swap_blocks = swap
+            return
+        size = ModelSize.of(model, blocks, base.quantizer.exclude)
+        budget = usable_gpu_memory(self.device)
+        tokens = max(r for ds in proc.datasets for r in ds.resolution) ** 2 // 256 + 512  # latent patches + text
+        kw = dict(budget=budget, tokens=tokens, batch=proc.train.batch_size,
+                  lora_bytes=lora_state_bytes(size, proc.network.linear))
+        if auto:
+            plan = make_plan(size, **kw)
+        else:
+            plan = estimate(size, base.quantizer.storage, swap, proc.train.gradient_checkpointing, **kw)
+        base.quantizer.storage, base.swap_blocks = plan.storage, plan.swap_blocks
+        self.memory_plan, self.model_size, self.plan_inputs = plan, size, kw
+        props = torch.cuda.get_device_properties(self.device)
+        print(f"Device: {props.name}, {gib(props.total_memory)}, {gib(budget)} usable now")
+        print(("Auto " if auto else "") + plan.line())
 
     def _inject_lora(self):
         """LoRA layers into every component; returns all parameters and the optimizer's groups
@@ -230,6 +295,8 @@ class Run:
         tc, save_cfg, sample_cfg = self.proc.train, self.proc.save, self.proc.sample
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_partial_files(self.run_dir)
+        if self.memory_plan is not None:
+            (self.run_dir / "memory_plan.json").write_text(self.memory_plan.to_json())
         resumed = self.resume()
         log_path = self.run_dir / "log.jsonl"
         if log_path.exists():  # keep the lines of steps up to the checkpoint: later ones are done again
@@ -255,7 +322,10 @@ class Run:
                     window.append(loss)
                 log.write(json.dumps({"step": self.step, "loss": loss, "lr": lr, "time": round(time.time(), 3)}) + "\n")
                 log.flush()
-                bar.set_postfix(loss=f"{smooth:.4f}" if smooth is not None else "nan", lr=f"{lr:.2e}")
+                shown = {"loss": f"{smooth:.4f}" if smooth is not None else "nan", "lr": f"{lr:.2e}"}
+                if self.device.type == "cuda":
+                    shown["mem"] = f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.1f}G"
+                bar.set_postfix(shown)
                 bar.update(1)
                 if self.step % self.proc.logging.log_every == 0 and window:
                     bar.write(f"step {self.step}: mean loss {sum(window) / len(window):.4f} over {len(window)} steps, lr {lr:.2e}")
@@ -287,9 +357,19 @@ class Run:
         self.save(final=False)
         raise MemoryError(
             f"out of GPU memory at step {self.step + 1} ({str(error).splitlines()[0]}); the checkpoint of step {self.step} "
-            "is saved. To use less memory: lower train.batch_size or datasets[].resolution, keep "
-            "train.gradient_checkpointing: true, set cache_latents_to_disk and train.cache_text_embeddings: true, "
+            f"is saved. {self.plan_that_fits()}Other ways to use less memory: lower train.batch_size or "
+            "datasets[].resolution, set cache_latents_to_disk and train.cache_text_embeddings: true, "
             "use train.optimizer: adamw8bit, lower network.linear; then run the same config again to resume") from error
+
+    def plan_that_fits(self) -> str:
+        """The settings the memory plan would pick with 15% more margin than it estimated, as config keys."""
+        if self.memory_plan is None:
+            return ""
+        kw = dict(self.plan_inputs, budget=self.plan_inputs["budget"] * 0.85)
+        plan = make_plan(self.model_size, **kw)
+        keys = [f"model.quantize: {bool(plan.storage)}"] + ([f"model.qtype: {plan.storage}"] if plan.storage else [])
+        keys += [f"model.swap_blocks: {plan.swap_blocks}", f"train.gradient_checkpointing: {str(plan.checkpointing).lower()}"]
+        return f"A plan that should fit: {', '.join(keys)} (or set train.memory: auto). "
 
     @contextlib.contextmanager
     def clean_stop(self):
@@ -330,7 +410,8 @@ class Run:
 
     def sample(self) -> None:
         self.train_mode(False)
-        with self.ema_weights(), self.stepper.autocast():
+        without_assistant = self.assistant.removed(self.arch.denoiser) if self.assistant else contextlib.nullcontext()
+        with self.ema_weights(), self.stepper.autocast(), without_assistant:
             self.previewer.render(self.step, self.lora_strength)
         self.train_mode(True)
 

@@ -1,0 +1,142 @@
+"""How the frozen base is held: quantization, block swap and checkpointing as the config says, or, with
+`train.memory: auto`, the fastest settings whose estimated peak fits the free GPU memory."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..archs.blockwise import FrozenBase
+from ..quant import BYTES_PER_WEIGHT, Quantizer, excluded, gib, storage_of, text_encoder_bits_qtype
+
+# Activation estimate, in units of (tokens x widest block input x 2 bytes): what a checkpointed step keeps per
+# block (its input) and what one block needs while it runs or recomputes. Calibrated on FLUX.1 at 1024²
+# (bf16 step peak 25.6 GiB = 22.2 GiB weights + 1.4 GiB LoRA/AdamW + ~2 GiB activations), with margin.
+SAVED_PER_BLOCK, WORKING_SET, UNCHECKPOINTED_PER_BLOCK = 1.0, 24.0, 20.0
+RESERVE = 1.5 * 2**30  # CUDA context, cuBLAS workspaces, allocator fragmentation
+ORDER = (None, "float8", "int8", "nf4")  # storages, fastest and most exact first
+
+
+@dataclass
+class Plan:
+    storage: str | None
+    swap_blocks: int
+    checkpointing: bool
+    expected_peak: float  # bytes
+    budget: float  # bytes
+    weights: float
+    activations: float
+    notes: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        swap = f"{self.swap_blocks} blocks swapped" if self.swap_blocks else "no block swap"
+        fits = "" if self.expected_peak <= self.budget else " (does NOT fit: expect out-of-memory)"
+        return (f"memory plan: base {self.storage or 'unquantized'}, {swap}, checkpointing "
+                f"{'on' if self.checkpointing else 'off'}; expected peak {gib(self.expected_peak)} of "
+                f"{gib(self.budget)} usable{fits}" + "".join(f"; {n}" for n in self.notes))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+@dataclass
+class ModelSize:
+    """What the estimate needs of a denoiser, read off its meta-device skeleton."""
+
+    unit_linear: dict[str, int]  # unit -> quantizable Linear weight count
+    unit_other: dict[str, int]  # unit -> every other parameter/buffer element
+    blocks: list[str]
+    width: int  # widest Linear input of a block: the activation width
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, blocks: list[str], exclude: list[str]) -> ModelSize:
+        from ..archs.blockwise import unit_of
+
+        lists = tuple(sorted({b.rpartition(".")[0] for b in blocks}))
+        lin, other = {}, {}
+        linear_weights = {f"{n}.weight" for n, m in model.named_modules()
+                          if isinstance(m, torch.nn.Linear) and not excluded(n, exclude)}
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            unit = unit_of(name, lists)
+            table = lin if name in linear_weights else other
+            table[unit] = table.get(unit, 0) + t.numel()
+        first = model.get_submodule(blocks[0]) if blocks else model
+        width = max((m.in_features for m in first.modules() if isinstance(m, torch.nn.Linear)), default=1)
+        return cls(lin, other, blocks, width)
+
+    def unit_bytes(self, unit: str, storage: str | None) -> float:
+        per = BYTES_PER_WEIGHT[storage] if storage else 2.0
+        return self.unit_linear.get(unit, 0) * per + self.unit_other.get(unit, 0) * 2.0
+
+
+def estimate(size: ModelSize, storage: str | None, swap: int, checkpointing: bool, *, budget: float, tokens: int,
+             batch: int, lora_bytes: float) -> Plan:
+    """The expected peak of one training step with these settings."""
+    act_unit = tokens * batch * size.width * 2.0
+    n = len(size.blocks)
+    acts = act_unit * (SAVED_PER_BLOCK * n + WORKING_SET if checkpointing else UNCHECKPOINTED_PER_BLOCK * n + WORKING_SET)
+    units = set(size.unit_linear) | set(size.unit_other)
+    resident = sum(size.unit_bytes(u, storage) for u in units)
+    swapped = [size.unit_bytes(b, storage) for b in size.blocks[n - swap:]] if swap else []
+    weights = resident - sum(swapped) + 2 * max(swapped, default=0.0)  # two swapped blocks on the GPU at a time
+    return Plan(storage, swap, checkpointing, weights + lora_bytes + acts + RESERVE, budget, weights, acts)
+
+
+def make_plan(size: ModelSize, *, budget: float, tokens: int, batch: int, lora_bytes: float,
+              storages=ORDER) -> Plan:
+    """The fastest settings whose estimated peak fits: no checkpointing before checkpointing, full precision
+    before float8 before int8 before nf4, then as few swapped blocks as fit (swap needs checkpointing)."""
+    kw = dict(budget=budget, tokens=tokens, batch=batch, lora_bytes=lora_bytes)
+    tried = []
+    for storage in storages:
+        for ckpt in (False, True):
+            for swap in range(0, len(size.blocks) + 1 if ckpt else 1):
+                plan = estimate(size, storage, swap, ckpt, **kw)
+                if plan.expected_peak <= budget:
+                    return plan
+                tried.append(plan)
+    best = min(tried, key=lambda p: p.expected_peak)
+    best.notes.append("nothing fits: lower the resolution or batch size")
+    return best
+
+
+def lora_state_bytes(size: ModelSize, rank: int, only_blocks: bool = True) -> float:
+    """fp32 LoRA weights, gradients and two AdamW moments: 16 bytes per LoRA weight (an upper estimate:
+    every Linear of the blocks, each side sqrt(n) wide as a square layer of its size would be)."""
+    total = sum(v for u, v in size.unit_linear.items() if not only_blocks or u in size.blocks)
+    layers_width = math.sqrt(max(total, 1) / max(len(size.blocks), 1) / 8)  # ~8 Linears per block
+    return 16.0 * rank * 2 * layers_width * 8 * max(len(size.blocks), 1)
+
+
+def frozen_base(proc, arch_cls, device: torch.device, dtype: torch.dtype, fuse=None) -> FrozenBase:
+    """The FrozenBase the config asks for: model.quantize/qtype (+ the architecture's and the user's
+    exclusions), quantize_te/qtype_te or text_encoder_bits, low_vram, layer_offloading / swap_blocks."""
+    m = proc.model
+    storage = storage_of(m.qtype) if m.quantize else None
+    te_qtype = m.qtype_te if m.quantize_te else text_encoder_bits_qtype(m.text_encoder_bits)
+    te_storage = storage_of(te_qtype, "model.qtype_te") if te_qtype else None
+    exclude = [*getattr(arch_cls, "quantize_exclude", []), *m.quantize_kwargs.exclude]
+    return FrozenBase(device=device, dtype=dtype, quantizer=Quantizer(storage, exclude), te_quantizer=Quantizer(te_storage),
+                      fuse=fuse, quantize_on_cpu=m.low_vram or device.type == "cpu")
+
+
+def swap_request(proc, n_blocks: int) -> int:
+    """Blocks to swap as the config says: model.swap_blocks, else layer_offloading's percentage."""
+    m = proc.model
+    if m.swap_blocks is not None:
+        if m.swap_blocks > n_blocks:
+            raise ValueError(f"model.swap_blocks {m.swap_blocks}: this model has {n_blocks} repeated blocks")
+        return m.swap_blocks
+    if m.layer_offloading:
+        return round(m.layer_offloading_transformer_percent * n_blocks)
+    return 0
+
+
+def usable_gpu_memory(device: torch.device) -> float:
+    """Free memory on the device, within any per-process cap (set_per_process_memory_fraction)."""
+    free, total = torch.cuda.mem_get_info(device)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
+    cap = total * fraction - torch.cuda.memory_reserved(device)
+    return float(min(free, cap))

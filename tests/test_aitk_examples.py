@@ -1,0 +1,63 @@
+"""ai-toolkit's own FLUX.1 / Flex.1 / schnell example configs, verbatim from ../shared/aitk-examples/, run
+through the CLI with only paths, sizes and the CUDA-only optimizer changed. The README's list of examples
+that run is this test's list."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from eridiffusion import cli
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "aitk-examples"
+RUNS = ["train_lora_flux_24gb.yaml", "train_lora_flex_24gb.yaml", "train_lora_flux_schnell_24gb.yaml"]
+
+
+def adapted(example: str, model: Path, data: Path, out: Path, assistant: Path | None) -> dict:
+    """The example with paths pointed here, sizes made tiny, and adamw8bit (bitsandbytes, CUDA) -> adamw."""
+    path = EXAMPLES / example
+    assert path.is_file(), f"{path} is missing: the ai-toolkit examples live in ../shared/aitk-examples/"
+    cfg = yaml.safe_load(path.read_text())
+    proc = cfg["config"]["process"][0]
+    proc.update(training_folder=str(out), device="cpu")
+    proc["model"]["name_or_path"] = str(model)
+    if "assistant_lora_path" in proc["model"]:
+        proc["model"]["assistant_lora_path"] = str(assistant)
+    for ds in proc["datasets"]:
+        ds.update(folder_path=str(data), resolution=[32, 48])
+    proc["train"].update(steps=4, optimizer="adamw" if proc["train"]["optimizer"] == "adamw8bit" else proc["train"]["optimizer"])
+    proc["save"]["save_every"] = 2
+    proc["sample"].update(sample_every=4, width=32, height=32, sample_steps=2)
+    return cfg
+
+
+def tiny_adapter(model: Path, path: Path) -> Path:
+    """A small random LoRA in the diffusers layout over some of the tiny model's Linears (the stand-in for
+    ostris/FLUX.1-schnell-training-adapter, which is in this layout)."""
+    from diffusers import FluxTransformer2DModel
+
+    m = FluxTransformer2DModel.from_pretrained(model, subfolder="transformer", local_files_only=True)
+    g = torch.Generator().manual_seed(3)
+    tensors = {}
+    for name, layer in m.named_modules():
+        if isinstance(layer, torch.nn.Linear) and name.endswith(("to_q", "proj_mlp", "ff.net.2")):
+            tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(4, layer.in_features, generator=g) * 0.1
+            tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(layer.out_features, 4, generator=g) * 0.1
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.mark.parametrize("example", RUNS)
+def test_ai_toolkit_example_runs(example, tiny_flux, tiny_flux_schnell, dataset, tmp_path, write_config):
+    model = tiny_flux_schnell if "schnell" in example else tiny_flux
+    cfg = adapted(example, model, dataset, tmp_path / "out", tiny_adapter(model, tmp_path / "adapter.safetensors"))
+    proc = cfg["config"]["process"][0]
+    assert proc["model"]["quantize"] is True  # every example quantizes the base (qfloat8)
+    assert cli.main([str(write_config(cfg, example))]) == 0
+    run = tmp_path / "out" / cfg["config"]["name"]
+    lora = load_file(run / f"{cfg['config']['name']}.safetensors")
+    assert lora and all(torch.isfinite(v).all() for v in lora.values())
+    assert len(list((run / "samples").glob("*.jpg"))) == 2 * len(proc["sample"]["prompts"])  # step 0 and the end
