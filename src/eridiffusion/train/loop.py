@@ -92,14 +92,23 @@ class Stepper:
         self.dtype, self.max_grad_norm, self.generator, self.ema = dtype, max_grad_norm, generator, ema
         self.device_type = generator.device.type
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=dtype == torch.float16)
+        self.skips_on_device = bool(optimizer.defaults.get("fused")) and not self.scaler.is_enabled()
         self.nan_steps = self.nan_in_a_row = 0
+
+    def count(self, losses: list[float]) -> None:
+        """Count NaN/inf steps among losses read back from the device."""
+        for loss in losses:
+            finite = math.isfinite(loss)
+            self.nan_steps += not finite
+            self.nan_in_a_row = 0 if finite else self.nan_in_a_row + 1
 
     def autocast(self):
         # frozen weights are stored in the compute dtype, LoRA weights in fp32: autocast meets them halfway
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
-    def step(self, batches) -> float:
-        total = 0.0
+    def step(self, batches) -> torch.Tensor:
+        """One optimizer step; returns the summed loss as a device tensor (read back only when logged)."""
+        total = None
         for batch in batches:
             latents = batch.latents if batch.latents is not None else self.arch.encode_images(batch.pixels)
             with self.autocast():  # text encoders may carry trained LoRA layers too
@@ -107,17 +116,18 @@ class Stepper:
                 per_sample = self.arch.training_loss(latents, text, batch, self.generator)
             loss = (per_sample * batch.loss_weights.to(per_sample.device)).mean() / len(batches)
             self.scaler.scale(loss).backward()
-            total += loss.item()
-        if not math.isfinite(total):  # never apply a NaN/inf update
+            total = loss.detach().float() if total is None else total + loss.detach().float()
+        if self.skips_on_device:
+            # fused Adam/AdamW skip a step whose found_inf is set inside their kernel: no NaN/inf update is
+            # applied and no host sync is needed to know it
+            self.optimizer.found_inf = (~torch.isfinite(total)).float()
+        elif not math.isfinite(total.item()):  # never apply a NaN/inf update
             self.optimizer.zero_grad(set_to_none=True)
-            self.nan_steps += 1
-            self.nan_in_a_row += 1
             self.scheduler.step()
             return total
-        self.nan_in_a_row = 0
         self.scaler.unscale_(self.optimizer)
         if self.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -125,6 +135,39 @@ class Stepper:
         if self.ema is not None:
             self.ema.step(self.params)
         return total
+
+
+class LossLog:
+    """Per-step losses kept on the device until read back together (one host sync per read), then written
+    to log.jsonl and folded into the smoothed loss shown by the progress bar."""
+
+    def __init__(self, file, stepper: Stepper):
+        self.file, self.stepper = file, stepper
+        self.pending, self.window, self.smooth = [], [], None
+
+    def add(self, step: int, loss: torch.Tensor, lr: float) -> None:
+        self.pending.append((step, loss, lr, round(time.time(), 3)))
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        values = torch.stack([loss for _, loss, _, _ in self.pending]).tolist()
+        for (step, _, lr, when), loss in zip(self.pending, values):
+            self.file.write(json.dumps({"step": step, "loss": loss, "lr": lr, "time": when}) + "\n")
+            if math.isfinite(loss):
+                self.smooth = loss if self.smooth is None else 0.9 * self.smooth + 0.1 * loss
+                self.window.append(loss)
+        self.file.flush()
+        self.stepper.count(values)
+        self.pending = []
+
+    def take_window(self) -> list[float]:
+        window, self.window = self.window, []
+        return window
+
+    def close(self) -> None:
+        self.flush()
+        self.file.close()
 
 
 class Run:
@@ -302,11 +345,12 @@ class Run:
         if log_path.exists():  # keep the lines of steps up to the checkpoint: later ones are done again
             log_path.write_text("".join(line + "\n" for line in log_path.read_text().splitlines()
                                         if logged_step(line) <= self.step))
-        log = open(log_path, "a")
+        self.losses = LossLog(open(log_path, "a"), self.stepper)
         if self.previewer and (tc.force_first_sample or (not resumed and not tc.skip_first_sample)):
             self.sample()
         bar = tqdm(total=tc.steps, initial=self.step, desc=self.proc.name, dynamic_ncols=True)
-        smooth, window = None, []
+        # losses stay on the device and are read back together: on CUDA every 10 steps (or when logged)
+        read_every = min(10, self.proc.logging.log_every) if self.device.type == "cuda" else 1
         with self.clean_stop() as stop:
             while self.step < tc.steps and not stop.is_set():
                 lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
@@ -317,28 +361,29 @@ class Run:
                         raise
                     self.out_of_memory(e)
                 self.step += 1
-                if math.isfinite(loss):
-                    smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
-                    window.append(loss)
-                log.write(json.dumps({"step": self.step, "loss": loss, "lr": lr, "time": round(time.time(), 3)}) + "\n")
-                log.flush()
-                shown = {"loss": f"{smooth:.4f}" if smooth is not None else "nan", "lr": f"{lr:.2e}"}
-                if self.device.type == "cuda":
-                    shown["mem"] = f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.1f}G"
-                bar.set_postfix(shown)
+                self.losses.add(self.step, loss, lr)
+                last = self.step == tc.steps
+                saving = last or self.step % save_cfg.save_every == 0
+                sampling = self.previewer and (last or (self.step % sample_cfg.sample_every == 0
+                                                        and self.step >= sample_cfg.sample_start_step))
+                if saving or sampling or self.step % read_every == 0 or self.step % self.proc.logging.log_every == 0:
+                    self.losses.flush()
+                    shown = {"loss": f"{self.losses.smooth:.4f}" if self.losses.smooth is not None else "nan", "lr": f"{lr:.2e}"}
+                    if self.device.type == "cuda":
+                        shown["mem"] = f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.1f}G"
+                    bar.set_postfix(shown, refresh=False)
                 bar.update(1)
-                if self.step % self.proc.logging.log_every == 0 and window:
+                if self.step % self.proc.logging.log_every == 0 and self.losses.window:
+                    window = self.losses.take_window()
                     bar.write(f"step {self.step}: mean loss {sum(window) / len(window):.4f} over {len(window)} steps, lr {lr:.2e}")
-                    window = []
                 if self.stepper.nan_in_a_row >= MAX_NAN_IN_A_ROW:
                     self.save(final=False)  # NaN steps changed no weight: this is the last good state
                     raise FloatingPointError(
-                        f"the loss was NaN/inf for {MAX_NAN_IN_A_ROW} steps in a row (up to step {self.step}); the "
-                        f"checkpoint is saved. Lower train.lr, train in bf16 or fp32 rather than fp16, or check the data")
-                last = self.step == tc.steps
-                if last or self.step % save_cfg.save_every == 0:
+                        f"the loss was NaN/inf for {self.stepper.nan_in_a_row} steps in a row (up to step {self.step}); "
+                        "the checkpoint is saved. Lower train.lr, train in bf16 or fp32 rather than fp16, or check the data")
+                if saving:
                     self.save(final=last)
-                if self.previewer and (last or (self.step % sample_cfg.sample_every == 0 and self.step >= sample_cfg.sample_start_step)):
+                if sampling:
                     self.sample()
             if stop.is_set() and self.step < tc.steps:
                 self.save(final=False)
@@ -347,7 +392,7 @@ class Run:
                       file=sys.stderr)
                 raise KeyboardInterrupt
         bar.close()
-        log.close()
+        self.losses.close()
         return self.run_dir / f"{self.proc.name}.safetensors"
 
     def out_of_memory(self, error: Exception):
@@ -466,6 +511,8 @@ class Run:
                           f"{last or 'none'}; free space or fix the folder, then run the same config again to resume") from e
 
     def _save(self, final: bool) -> None:
+        if getattr(self, "losses", None) is not None:
+            self.losses.flush()  # the log holds every step up to the checkpoint
         name = self.proc.name
         path = self.run_dir / f"{name}.safetensors" if final else ckpt.step_file(self.run_dir, name, self.step)
         with self.ema_weights():

@@ -130,7 +130,9 @@ def swap_request(proc, n_blocks: int) -> int:
             raise ValueError(f"model.swap_blocks {m.swap_blocks}: this model has {n_blocks} repeated blocks")
         return m.swap_blocks
     if m.layer_offloading:
-        return round(m.layer_offloading_transformer_percent * n_blocks)
+        from .offload import swap_count
+
+        return swap_count(m.layer_offloading_transformer_percent, n_blocks)
     return 0
 
 

@@ -15,7 +15,7 @@ def build_optimizer(name: str, params: list, lr: float, extra: dict) -> torch.op
     if name in ("adamw", "adam"):
         cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
         kw = {"eps": 1e-6, **extra}  # ai-toolkit's eps for its torch Adam/AdamW
-        if on_cuda and "foreach" not in kw:
+        if "foreach" not in kw:  # one kernel for every tensor, and a NaN/inf step skipped without a host sync
             kw.setdefault("fused", True)
         return cls(params, lr=lr, **kw)
     if name in ("adamw8bit", "adam8bit"):
