@@ -18,6 +18,13 @@ case "$1" in
   ours 150 flux --qtype float8 --swap 16 --cap 24
   ;;
 2)
+  ours 150 flux --qtype float8 --swap 16 --cap 24
+  timeout 100 python3 bench/load_ram.py write /tmp/flux1-random.safetensors && ls -la /tmp/flux1-random.safetensors
+  timeout 100 python3 bench/load_ram.py load /tmp/flux1-random.safetensors float8 cuda 2>&1 | tail -1 | tee -a $O/ram.log
+  rm -f /tmp/flux1-random.safetensors
+  timeout 200 python3 bench/hidream_step.py .whl/reference_step.py 24 24 2>&1 | tail -3 | tee -a $O/hidream.log
+  ;;
+4)
   timeout 100 python3 .whl/reference_step.py sdxl_bs1_ckpt 2>&1 | tail -2 | tee -a $O/ref.log
   ours 120 sdxl
   ;;

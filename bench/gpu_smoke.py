@@ -1,7 +1,9 @@
 """The whole run on a CUDA device, on the tiny Flux model: bf16 autocast, fused AdamW, regional compile,
 EMA, caching, samples, saves and a resume. A smoke check for the GPU code paths CI cannot reach.
 
-  PYTHONPATH=src python3 bench/gpu_smoke.py WORKDIR
+  PYTHONPATH=src python3 bench/gpu_smoke.py WORKDIR [--quantized]
+
+--quantized: the same with a float8 base and block swap (half the blocks), the memory estimate printed.
 """
 import json
 import shutil
@@ -28,9 +30,11 @@ def tiny_cuda_config(work: Path, **train) -> dict:
     return config
 
 
-def main(work: Path) -> int:
+def main(work: Path, quantized: bool) -> int:
     config = tiny_cuda_config(work, steps=30)
     proc = config["config"]["process"][0]
+    if quantized:
+        proc["model"].update(quantize=True, qtype="qfloat8", layer_offloading=True, layer_offloading_transformer_percent=0.5)
     proc["save"]["save_every"] = 20
     path = work / "gpu.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -42,8 +46,10 @@ def main(work: Path) -> int:
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     print("steps", [r["step"] for r in log][-3:], "first/last loss", log[0]["loss"], log[-1]["loss"])
     print(sorted(p.name for p in run.iterdir()), len(list((run / "samples").iterdir())), "samples")
+    if quantized:
+        print("plan", (run / "memory_plan.json").read_text())
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1])))
+    sys.exit(main(Path(sys.argv[1]), "--quantized" in sys.argv))

@@ -23,26 +23,26 @@ def compile_denoiser(denoiser: torch.nn.Module, backend="inductor") -> None:
 
     warned = []
 
-    def fall_back(block, err: Exception) -> None:
-        # only the failing block: one that already ran compiled in this step must recompute (checkpointing) the same way
-        block._compiled_call_impl = None
-        if not warned:
-            warned.append(err)
-            text = str(err).strip() or type(err).__name__
-            print(f"warning: torch.compile failed ({text[:300]}); continuing uncompiled (set model.compile: false to "
-                  "skip compilation)", file=sys.stderr)
-
     for block in blocks:
-        compiled = torch.compile(_with_own_outputs(block._call_impl), backend=backend)
+        eager = block.forward
+        # forward, not the whole module call: hooks (block swap) stay outside the compiled graph
+        compiled = torch.compile(_with_own_outputs(eager), backend=backend)
 
-        def call(*args, _compiled=compiled, _block=block, **kwargs):
+        def forward(*args, _compiled=compiled, _eager=eager, _block=block, **kwargs):
+            if _block.__dict__.get("_eri_eager"):
+                return _eager(*args, **kwargs)
             try:
                 return _compiled(*args, **kwargs)
             except torch._dynamo.exc.BackendCompilerFailed as err:
-                fall_back(_block, err)
-                return _block._call_impl(*args, **kwargs)
+                # only this block: one that already ran compiled in this step must recompute (checkpointing) the same way
+                _block._eri_eager = True
+                if not warned:
+                    warned.append(err)
+                    print(f"warning: torch.compile failed ({(str(err).strip() or type(err).__name__)[:300]}); continuing "
+                          "uncompiled (set model.compile: false to skip compilation)", file=sys.stderr)
+                return _eager(*args, **kwargs)
 
-        block._compiled_call_impl = call  # what nn.Module.compile() sets; the module calls it instead of forward
+        block.forward = forward
 
 
 def _with_own_outputs(fn):

@@ -183,6 +183,12 @@ class Run:
         if tc.train_text_encoder and any(d.cache_text_embeddings for d in proc.datasets):
             raise ValueError("train.train_text_encoder cannot be combined with cache_text_embeddings: "
                              "trained text encoders must encode every caption anew")
+        m = proc.model
+        if m.layer_offloading and m.layer_offloading_text_encoder_percent > 0 and not proc.datasets[0].cache_text_embeddings:
+            # with cached embeddings the text encoders are freed after caching, which is what offloading them is for
+            raise ValueError("model.layer_offloading_text_encoder_percent > 0: text encoders are not block-swapped yet; "
+                             "set train.cache_text_embeddings: true (they are then freed after caching) or "
+                             "layer_offloading_text_encoder_percent: 0")
         if tc.attention_backend.endswith("_hub"):
             raise ValueError(f"train.attention_backend '{tc.attention_backend}' downloads kernels; use a local one")
         self.run_dir = run_folder(proc)
