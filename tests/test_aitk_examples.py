@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from eridiffusion import cli
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "aitk-examples"
-RUNS = ["train_lora_flux_24gb.yaml", "train_lora_flex_24gb.yaml", "train_lora_flux_schnell_24gb.yaml"]
+RUNS = ["train_lora_flux_24gb.yaml", "train_lora_flex_24gb.yaml", "train_lora_flux_schnell_24gb.yaml",
+        "modal/modal_train_lora_flux_24gb.yaml", "modal/modal_train_lora_flux_schnell_24gb.yaml"]
 
 
 def adapted(example: str, model: Path, data: Path, out: Path, assistant: Path | None) -> dict:
@@ -56,7 +57,7 @@ def test_ai_toolkit_example_runs(example, tiny_flux, tiny_flux_schnell, dataset,
     cfg = adapted(example, model, dataset, tmp_path / "out", tiny_adapter(model, tmp_path / "adapter.safetensors"))
     proc = cfg["config"]["process"][0]
     assert proc["model"]["quantize"] is True  # every example quantizes the base (qfloat8)
-    assert cli.main([str(write_config(cfg, example))]) == 0
+    assert cli.main([str(write_config(cfg, Path(example).name))]) == 0
     run = tmp_path / "out" / cfg["config"]["name"]
     lora = load_file(run / f"{cfg['config']['name']}.safetensors")
     assert lora and all(torch.isfinite(v).all() for v in lora.values())
