@@ -124,3 +124,19 @@ def test_lora_trained_on_a_quantized_base_works_on_the_full_precision_base(qtype
         on_full, on_quantized, base = pipe.transformer(**inputs())[0], ours(**inputs())[0], plain(tiny_flux)(**inputs())[0]
     assert relative_error(on_full, base) > 0.01  # the LoRA does something...
     assert relative_error(on_quantized, on_full) <= MAX_ERROR[storage]  # ...and the same on either base
+
+
+def test_unet_base_quantizes_and_trains(tiny_sdxl, dataset, tmp_path, write_config):
+    """The same shared code quantizes a UNet (SDXL): its attention/feed-forward Linears are stored in float8,
+    the time and micro-conditioning embeddings are kept, and a run trains on it."""
+    from eridiffusion.archs.sdxl import SDXL
+    from eridiffusion.config import parse_config
+
+    cfg = train_config(tiny_sdxl, dataset, tmp_path / "out", arch="sdxl", steps=3, model={"quantize": True})
+    arch = SDXL(parse_config(cfg).config.process[0], torch.device("cpu"), torch.float32)
+    arch.load(FrozenBase(torch.device("cpu"), torch.float32, quantizer=Quantizer("float8", SDXL.quantize_exclude)))
+    layers = {n: m for n, m in arch.unet.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert all(is_quantized(m.weight) for n, m in layers.items() if ".attn1." in n or ".ff." in n)
+    assert not any(is_quantized(m.weight) for n, m in layers.items() if n.startswith(("time_embedding", "add_embedding")))
+    assert cli.main([str(write_config(cfg))]) == 0
+    assert (tmp_path / "out" / "test_lora" / "test_lora.safetensors").is_file()

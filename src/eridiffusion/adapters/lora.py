@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +45,9 @@ def inject_lora(module: torch.nn.Module, targets: list[str], spec: LoraSpec, *, 
                         init_lora_weights=True)
     module.requires_grad_(False)
     rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
-    with rng:
+    with rng, warnings.catch_warnings():
+        # peft warns that a LoRA on a torchao-quantized Linear cannot be merged into it; nothing here merges
+        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated")
         if seed is not None:
             torch.manual_seed(seed)
         inject_adapter_in_model(config, module, adapter_name=ADAPTER)

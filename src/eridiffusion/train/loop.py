@@ -297,6 +297,8 @@ class Run:
         if swap and not proc.train.gradient_checkpointing:
             raise ValueError("block swap needs train.gradient_checkpointing: true")
         if self.device.type != "cuda":
+            if auto:
+                print("train.memory: auto plans for a CUDA device; on the CPU the config's settings are used as they are")
             base.swap_blocks = swap
             return
         size = ModelSize.of(model, blocks, base.quantizer.exclude)
