@@ -76,6 +76,7 @@ def main():
     ap.add_argument("--swap", type=int, default=0)
     ap.add_argument("--cap", type=float)
     ap.add_argument("--error", action="store_true")
+    ap.add_argument("--fp8mm", action="store_true", help="model.float8_matmul (with --qtype float8)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     if args.cap:
@@ -87,7 +88,7 @@ def main():
     proc = parse_config(cfg).config.process[0]
     arch = get_arch_class(args.arch)(proc, dev, torch.bfloat16)
     arch.base = FrozenBase(dev, torch.bfloat16, quantizer=Quantizer(args.qtype, list(arch.quantize_exclude)),
-                           swap_blocks=args.swap)
+                           swap_blocks=args.swap, float8_matmul=args.fp8mm)
     error = None
     if args.error:  # the bf16 output first, then the same model quantized in place
         model, batch = build(args.arch, arch, dev, args.bs, finish=False)
@@ -129,7 +130,7 @@ def main():
     for _ in range(8):
         stepper.step([batch])
     torch.cuda.synchronize()
-    key = (f"{args.arch}_bs{args.bs}_ckpt" + ("" if compiled else "_eager") + (f"_{args.qtype}" if args.qtype else "")
+    key = (f"{args.arch}_bs{args.bs}_ckpt" + ("" if compiled else "_eager") + (f"_{args.qtype}" if args.qtype else "") + ("_fp8mm" if args.fp8mm else "")
            + (f"_swap{args.swap}" if args.swap else "") + (f"_cap{args.cap:g}" if args.cap else ""))
     result = {key: {"step_s": round((time.perf_counter() - t) / 8, 4),
                     "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "n_lora": sum(p.numel() for p in params),

@@ -140,3 +140,28 @@ def test_unet_base_quantizes_and_trains(tiny_sdxl, dataset, tmp_path, write_conf
     assert not any(is_quantized(m.weight) for n, m in layers.items() if n.startswith(("time_embedding", "add_embedding")))
     assert cli.main([str(write_config(cfg))]) == 0
     assert (tmp_path / "out" / "test_lora" / "test_lora.safetensors").is_file()
+
+
+def test_float8_matmuls_train_close_to_the_dequantizing_path(tiny_flux, dataset, tmp_path, write_config):
+    """model.float8_matmul: the float8 layers multiply in fp8 (activations scaled per row); outputs and input
+    gradients stay close to full precision, and a run on them learns."""
+    from eridiffusion.quant import Float8Matmul, use_float8_matmuls
+
+    model = blockwise(tiny_flux, FrozenBase(torch.device("cpu"), torch.float32, quantizer=Quantizer("float8", Flux.quantize_exclude)))
+    reference = plain(tiny_flux)
+    assert use_float8_matmuls(model) > 0
+    calls = []
+    original = Float8Matmul.forward
+    Float8Matmul.forward = staticmethod(lambda *a: calls.append(1) or original(*a))
+    try:
+        with torch.no_grad():
+            error = relative_error(model(**inputs())[0], reference(**inputs())[0])
+    finally:
+        Float8Matmul.forward = staticmethod(original)
+    assert calls and 0 < error <= MAX_ERROR["float8"] + 0.02
+    cfg = train_config(tiny_flux, dataset, tmp_path / "out", steps=30, train={"lr": 3e-3, "batch_size": 4},
+                       model={"quantize": True, "float8_matmul": True}, save={"save_every": 30})
+    cfg["config"]["process"][0]["sample"] = None
+    assert cli.main([str(write_config(cfg))]) == 0
+    losses = [r["loss"] for r in read_log(tmp_path / "out" / "test_lora")]
+    assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8

@@ -159,3 +159,56 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if math.isfinite(n) else "?"
+
+
+class Float8Matmul(torch.autograd.Function):
+    """y = x·Wᵀ on fp8 tensor cores: x quantized per row to e4m3 on the fly, W's stored e4m3 rows and scales
+    used as they are (torch._scaled_mm); the input gradient in the activations' dtype from the dequantized
+    weight. Written here because torchao's float8 inference tensors have no backward, and its float8 training
+    keeps a full-precision copy of every weight."""
+
+    @staticmethod
+    def forward(ctx, x, qdata, scale, bias):
+        shape, dtype = x.shape, x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        x2 = x.reshape(-1, shape[-1])
+        x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / torch.finfo(torch.float8_e4m3fn).max).clamp_min(1e-12)
+        xq = (x2.float() / x_scale).to(torch.float8_e4m3fn)
+        y = torch._scaled_mm(xq, qdata.t(), scale_a=x_scale, scale_b=scale.reshape(1, -1), out_dtype=dtype)
+        if bias is not None:
+            y = y + bias.to(dtype)
+        ctx.save_for_backward(qdata, scale)
+        ctx.x_dtype = x.dtype
+        return y.reshape(*shape[:-1], qdata.shape[0]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qdata, scale = ctx.saved_tensors
+        weight = (qdata.to(grad.dtype) * scale.to(grad.dtype))  # [out, in]
+        return (grad @ weight).to(ctx.x_dtype), None, None, None
+
+
+def float8_matmul_forward(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    w = layer.weight
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    with torch.autocast(x.device.type, enabled=False):
+        return Float8Matmul.apply(x, w.qdata, w.scale, layer.bias)
+
+
+def use_float8_matmuls(module: torch.nn.Module) -> int:
+    """Run every float8-stored Linear under `module` through Float8Matmul (fp8 tensor cores: sm89+ GPUs, or the
+    CPU's reference kernel); widths that _scaled_mm cannot take (not multiples of 16) keep the dequantizing path.
+    Returns how many layers switched."""
+    import types
+
+    from torchao.quantization.quantize_.workflows.float8.float8_tensor import Float8Tensor
+
+    n = 0
+    for layer in module.modules():
+        w = getattr(layer, "weight", None)
+        if isinstance(layer, torch.nn.Linear) and isinstance(w, Float8Tensor) and w.scale.numel() == w.shape[0]:
+            if w.shape[0] % 16 or w.shape[1] % 16:
+                continue
+            layer.forward = types.MethodType(float8_matmul_forward, layer)
+            n += 1
+    return n

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..quant import Quantizer, float8_from_file
+from ..quant import Quantizer, float8_from_file, use_float8_matmuls
 
 # safetensors dtype names -> torch dtypes
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -122,6 +122,7 @@ class FrozenBase:
     fuse: Callable[[torch.nn.Module, str], int] | None = None  # fuse(module, its name in the model)
     swap_blocks: int = 0  # how many of the last repeated blocks block swap keeps in host memory
     quantize_on_cpu: bool = False  # model.low_vram: quantize before anything reaches the GPU
+    float8_matmul: bool = False  # model.float8_matmul: float8 layers multiply on fp8 tensor cores
     # called with the meta-device model and its block names before any weight is read (the memory plan)
     plan: Callable[[torch.nn.Module, list[str]], None] | None = None
     host_units: frozenset[str] = frozenset()
@@ -138,6 +139,8 @@ class FrozenBase:
         if not self.quantize_on_cpu:
             module.to(home)  # quantizing on the GPU is much faster than on the CPU
         self.quantizer(module, unit)
+        if self.float8_matmul:
+            use_float8_matmuls(module)
         module.to(home)
 
 

@@ -379,6 +379,8 @@ class ModelConfig(Section):
     quantize_kwargs: QuantizeKwargs = Field(default_factory=QuantizeKwargs)
     text_encoder_bits: int = 16  # 8 or 4: text encoders stored in int8 / nf4 (ai-toolkit's bitsandbytes key)
     low_vram: bool = False  # quantize on the CPU before a block reaches the GPU (less GPU memory while loading)
+    # EriDiffusion's: float8 base layers multiply on fp8 tensor cores, activations scaled per row (sm89+)
+    float8_matmul: bool = False
     # block swap: repeated denoiser blocks kept in pinned host memory and streamed to the GPU as they run
     layer_offloading: bool = False
     layer_offloading_transformer_percent: float = Field(1.0, ge=0, le=1)

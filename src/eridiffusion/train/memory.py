@@ -120,8 +120,14 @@ def frozen_base(proc, arch_cls, device: torch.device, dtype: torch.dtype, fuse=N
     te_qtype = m.qtype_te if m.quantize_te else text_encoder_bits_qtype(m.text_encoder_bits)
     te_storage = storage_of(te_qtype, "model.qtype_te") if te_qtype else None
     exclude = [*getattr(arch_cls, "quantize_exclude", []), *m.quantize_kwargs.exclude]
+    if m.float8_matmul:
+        if storage != "float8":
+            raise ValueError("model.float8_matmul needs model.quantize: true with a float8 qtype (qfloat8 or float8)")
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            raise ValueError(f"model.float8_matmul needs fp8 tensor cores (Ada or Hopper, sm89+); "
+                             f"{torch.cuda.get_device_name(device)} has none: remove the key")
     return FrozenBase(device=device, dtype=dtype, quantizer=Quantizer(storage, exclude), te_quantizer=Quantizer(te_storage),
-                      fuse=fuse, quantize_on_cpu=m.low_vram or device.type == "cpu")
+                      fuse=fuse, quantize_on_cpu=m.low_vram or device.type == "cpu", float8_matmul=m.float8_matmul)
 
 
 def swap_request(proc, n_blocks: int) -> int:
