@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Issue 8 figures in one device call: the reference step and ours (quantized, capped at 24 GiB, block swap),
 # output errors of each storage, host RAM while loading a full-size file. Usage: bash bench/gpu_issue8.sh PART
+# Before the device call, here: the wheels in .whl/ (diffusers, torchao, pydantic and its parts; see the device
+# tool notes) and `cp ../shared/bench/reference_step.py .whl/` (only the repo travels); carry .whl.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:src || exit 1
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor

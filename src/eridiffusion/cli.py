@@ -12,6 +12,9 @@ from . import __version__
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lora"]:
+        return lora_tool(argv[1:])
     parser = argparse.ArgumentParser(prog="trainer", description="Train a diffusion-model LoRA from an ai-toolkit style config.")
     parser.add_argument("config", nargs="+", help="config file, or a name looked up in ./config/ (.yaml/.yml/.json)")
     parser.add_argument("-n", "--name", help="replaces config.name and every [name] in the config")
@@ -30,6 +33,25 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def lora_tool(argv: list[str]) -> int:
+    """`trainer lora inspect FILE`: tools for adapter files (training stays `trainer CONFIG`)."""
+    parser = argparse.ArgumentParser(prog="trainer lora", description="Tools for LoRA and other adapter files.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    inspect = sub.add_parser("inspect", help="architecture, adapter type, rank/alpha, key layout, modules, metadata")
+    inspect.add_argument("file")
+    inspect.add_argument("--json", action="store_true", help="the report as JSON")
+    args = parser.parse_args(argv)
+    from .adapters.inspect import inspect_file
+
+    try:
+        report = inspect_file(args.file)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(report.json() if args.json else report.text())
     return 0
 
 
