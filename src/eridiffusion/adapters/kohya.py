@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import torch
 
-_PEFT_TO_KOHYA = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+_PEFT_TO_KOHYA = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight", "dora_scale": "dora_scale"}
 _KOHYA_TO_PEFT = {v: k for k, v in _PEFT_TO_KOHYA.items()}
 
 
@@ -56,7 +56,8 @@ def from_kohya(tensors: dict[str, torch.Tensor], module_names: Iterable[str],
             continue
         flat, _, suffix = key[len(head):].partition(".")
         if suffix not in _KOHYA_TO_PEFT and suffix != "alpha":
-            raise ValueError(f"{key}: only plain LoRA keys (.lora_down.weight, .lora_up.weight, .alpha) are supported")
+            raise ValueError(f"{key}: only LoRA / DoRA keys (.lora_down.weight, .lora_up.weight, .alpha, .dora_scale) "
+                             "are supported")
         if flat not in lookup:
             unknown.add(head + flat)
             continue
@@ -82,7 +83,7 @@ def _kohya_name(prefix: str, module: str) -> str:
 
 
 def _complete_modules(state: dict[str, torch.Tensor], prefix: str) -> set[str]:
-    modules = {_split_peft(k)[0] for k in state}
+    modules = {_split_peft(k)[0] for k in state}  # a .dora_scale without its LoRA weights fails below
     for module in sorted(modules):
         if f"{module}.lora_A.weight" not in state or f"{module}.lora_B.weight" not in state:
             raise ValueError(f"{_kohya_name(prefix, module)}: needs both lora_down (lora_A) and lora_up (lora_B)")
@@ -93,4 +94,4 @@ def _split_peft(key: str) -> tuple[str, str]:
     for suffix in _PEFT_TO_KOHYA:
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1], suffix
-    raise ValueError(f"{key}: not a peft LoRA weight (<module>.lora_A.weight / .lora_B.weight)")
+    raise ValueError(f"{key}: not a peft LoRA weight (<module>.lora_A.weight / .lora_B.weight / .dora_scale)")

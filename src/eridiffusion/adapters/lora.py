@@ -19,6 +19,34 @@ class LoraSpec:
     rank: int
     alpha: float
     dropout: float = 0.0
+    dora: bool = False  # weight-decomposed LoRA (DoRA): a trained magnitude per output row on top
+
+
+# peft keeps DoRA's magnitude as `<module>.lora_magnitude_vector` of shape (out,); kohya, LyCORIS and ComfyUI's
+# loader read `<module>.dora_scale` of shape (out, 1) (conv: (out, 1, 1, 1)) and ignore peft's name
+MAGNITUDE, DORA_SCALE = ".lora_magnitude_vector", ".dora_scale"
+
+
+def to_dora_scale(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """peft state -> the same with each DoRA magnitude as `.dora_scale` shaped like its weight's rows."""
+    out = {}
+    for key, t in state.items():
+        if key.endswith(MAGNITUDE):
+            module = key[: -len(MAGNITUDE)]
+            dims = state[f"{module}.lora_B.weight"].dim()
+            out[module + DORA_SCALE] = t.reshape(-1, *[1] * (dims - 1))  # peft: (out,) Linear, (1, out, 1, 1) conv
+        else:
+            out[key] = t
+    return out
+
+
+def from_dora_scale(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of to_dora_scale (a file's `.dora_scale` back to peft's magnitude vector)."""
+    def peft_shape(t):
+        return t.reshape(1, -1, 1, 1) if t.dim() == 4 else t.reshape(-1)
+
+    return {(k[: -len(DORA_SCALE)] + MAGNITUDE if k.endswith(DORA_SCALE) else k): (peft_shape(t) if k.endswith(DORA_SCALE) else t)
+            for k, t in state.items()}
 
 
 def filter_names(names: list[str], *, only_if_contains: list[str] | None, ignore_if_contains: list[str] | None) -> list[str]:
@@ -38,7 +66,7 @@ def inject_lora(module: torch.nn.Module, targets: list[str], spec: LoraSpec, *, 
         raise ValueError("no layer matched the LoRA targets: check network.network_kwargs only_if_contains / ignore_if_contains")
     conv_targets = list(conv_targets) if conv_spec else []
     exact = {n: f"^{re.escape(n)}$" for n in conv_targets}
-    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout or 0.0,
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout or 0.0, use_dora=spec.dora,
                         target_modules="|".join(re.escape(n) for n in [*targets, *conv_targets]),  # a str: full match
                         rank_pattern={exact[n]: conv_spec.rank for n in conv_targets} if conv_spec else {},
                         alpha_pattern={exact[n]: conv_spec.alpha for n in conv_targets} if conv_spec else {},
@@ -66,12 +94,14 @@ def inject_lora(module: torch.nn.Module, targets: list[str], spec: LoraSpec, *, 
 
 
 def lora_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """`<module>.lora_A.weight` / `<module>.lora_B.weight` for every injected layer."""
+    """`<module>.lora_A.weight` / `<module>.lora_B.weight` (and DoRA's `<module>.lora_magnitude_vector`) for every
+    injected layer."""
     return get_peft_model_state_dict(module, adapter_name=ADAPTER)
 
 
 def load_lora_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    result = set_peft_model_state_dict(module, state, adapter_name=ADAPTER)
+    """peft-named LoRA weights (a file's `.dora_scale` accepted too) into the injected layers."""
+    result = set_peft_model_state_dict(module, from_dora_scale(state), adapter_name=ADAPTER)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"LoRA file has {len(unexpected)} keys this model does not have, e.g. {unexpected[:3]}")

@@ -133,3 +133,20 @@ def on_device(module, device):
         yield module
     finally:
         module.to(home)
+
+
+def save_lora_with_diffusers(pipe_cls, path, modules: dict, dtype) -> None:
+    """A LoRA in diffusers/peft layout (DoRA magnitudes as peft's `lora_magnitude_vector`) with its peft
+    configs as metadata, written by diffusers' own `save_lora_weights`. `modules`: the saver's argument
+    stem (`unet_lora`, `transformer_lora`, `text_encoder_lora`, ...) -> the module carrying the adapter."""
+    import tempfile
+
+    from peft.utils import get_peft_model_state_dict
+
+    kw = {}
+    for stem, module in modules.items():
+        kw[f"{stem}_layers"] = {k: v.to(dtype) for k, v in get_peft_model_state_dict(module).items()}
+        kw[f"{stem}_adapter_metadata"] = module.peft_config["default"].to_dict()
+    with tempfile.TemporaryDirectory(dir=Path(path).parent) as tmp:
+        pipe_cls.save_lora_weights(tmp, weight_name="lora.safetensors", **kw)
+        Path(tmp, "lora.safetensors").replace(path)

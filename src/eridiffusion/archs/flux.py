@@ -12,7 +12,8 @@ from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 from ..objectives import flow
 from ..train.dtypes import DTYPES
 from .base import LoraTargets, SampleRequest
-from .common import encode_latents, folder_fingerprint, load_text_encoder, load_vae, on_device, resolve_roots
+from .common import (encode_latents, folder_fingerprint, load_text_encoder, load_vae, on_device, resolve_roots,
+                     save_lora_with_diffusers)
 from .blockwise import FrozenBase, finish_loaded, folder_readers, materialize, read_units
 from .flux_formats import BLOCK_LISTS, load_flux_single_file
 from .sources import find_tokenizer_files
@@ -194,6 +195,11 @@ class Flux:
         if bad:
             raise ValueError(f"not a diffusers-layout Flux LoRA (key '{bad[0]}' lacks the '{FILE_PREFIX}' prefix)")
         return {"transformer": {k[len(FILE_PREFIX):]: v for k, v in tensors.items()}}
+
+    def save_diffusers_lora(self, path, modules: dict[str, torch.nn.Module], dtype: torch.dtype) -> None:
+        """The LoRA as diffusers' own saver writes it: the main file already is, but for DoRA, whose magnitudes
+        the main file stores as ComfyUI's `.dora_scale` and diffusers' Flux loader drops."""
+        save_lora_with_diffusers(FluxPipeline, path, {"transformer_lora": modules["transformer"]}, dtype)
 
     # ---- previews ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -16,7 +16,8 @@ from ..objectives.flow import per_sample_mse
 from ..train.dtypes import DTYPES
 from .base import LoraTargets, SampleRequest
 from .blockwise import FrozenBase, finish_loaded
-from .common import encode_latents, folder_fingerprint, load_vae, on_device, require_diffusers_folder
+from .common import (encode_latents, folder_fingerprint, load_vae, on_device, require_diffusers_folder,
+                     save_lora_with_diffusers)
 from .sources import resolve_model_source
 
 # sample.sampler -> (diffusers scheduler, extra config); built from the model's own scheduler config
@@ -216,21 +217,9 @@ class SDXL:
         return states
 
     def save_diffusers_lora(self, path, modules: dict[str, torch.nn.Module], dtype: torch.dtype) -> None:
-        """The same LoRA in diffusers/peft layout (`unet.`, `text_encoder.`, ...) with its peft configs as
-        metadata, written by diffusers' own saver."""
-        import tempfile
-        from pathlib import Path
-
-        from peft.utils import get_peft_model_state_dict
-
+        """The same LoRA in diffusers/peft layout (`unet.`, `text_encoder.`, ...), for diffusers' loader."""
         names = {"unet": "unet_lora", "te1": "text_encoder_lora", "te2": "text_encoder_2_lora", "te": "text_encoder_lora"}
-        kw = {}
-        for key, module in modules.items():
-            kw[f"{names[key]}_layers"] = {k: v.to(dtype) for k, v in get_peft_model_state_dict(module).items()}
-            kw[f"{names[key]}_adapter_metadata"] = module.peft_config["default"].to_dict()
-        with tempfile.TemporaryDirectory(dir=Path(path).parent) as tmp:
-            type(self.pipe).save_lora_weights(tmp, weight_name="lora.safetensors", **kw)
-            Path(tmp, "lora.safetensors").replace(path)
+        save_lora_with_diffusers(type(self.pipe), path, {names[k]: m for k, m in modules.items()}, dtype)
 
     # ---- previews ------------------------------------------------------------------------------
     def generate(self, request: SampleRequest):

@@ -136,7 +136,7 @@ class NetworkConfig(Section):
     dropout: float | None = Field(None, ge=0, lt=1)
     network_kwargs: NetworkKwargs = Field(default_factory=NetworkKwargs)
     transformer_only: bool = True
-    limited = {"type": ("lora",)}
+    limited = {"type": ("lora", "dora")}
     renamed = {"rank": "linear"}
     unsupported = {"lorm": None, "lokr_full_rank": True, "lokr_factor": -1, "old_lokr_format": False,
                    "split_multistage_loras": True, "layer_offloading": False, "pretrained_lora_path": None,

@@ -17,7 +17,8 @@ import torch
 from tqdm import tqdm
 
 from .. import __version__
-from ..adapters import LoraSpec, filter_names, inject_lora, load_lora_state, lora_alphas, lora_scale, lora_state
+from ..adapters import (LoraSpec, filter_names, inject_lora, load_lora_state, lora_alphas, lora_scale, lora_state,
+                        to_dora_scale)
 from ..archs import get_arch_class
 from ..data import DataPipeline
 from ..sample import Previewer
@@ -176,8 +177,9 @@ class Run:
     def __init__(self, proc, meta: dict):
         self.proc, self.meta = proc, meta
         tc, net = proc.train, proc.network
-        if net is None or net.type != "lora":  # checked before any model is loaded
-            raise ValueError("only `network: {type: lora}` is supported yet (full fine-tuning and other adapters are not)")
+        if net is None or net.type not in ("lora", "dora"):  # checked before any model is loaded
+            raise ValueError("only `network: {type: lora}` and `dora` are supported yet (full fine-tuning and other "
+                             "adapters are not)")
         if not tc.train_unet:
             raise ValueError("train.train_unet: false (training only text encoders) is not supported yet")
         if tc.train_text_encoder and any(d.cache_text_embeddings for d in proc.datasets):
@@ -241,7 +243,7 @@ class Run:
             self.arch.denoiser.set_attention_backend(tc.attention_backend)
         self.components = self.arch.lora_components(net.transformer_only, tc.train_text_encoder)
         if proc.save.diffusers_lora and not hasattr(self.arch, "save_diffusers_lora"):
-            raise ValueError(f"save.diffusers_lora: {proc.model.arch_name} LoRA files are already in diffusers' layout")
+            raise ValueError(f"save.diffusers_lora is not supported yet for {proc.model.arch_name}")
         self.params, groups = self._inject_lora()
         for p in self.params:  # LoRA of blocks kept in host memory (block swap) still trains on the device
             p.data = p.data.to(self.device)
@@ -320,8 +322,9 @@ class Run:
         """LoRA layers into every component; returns all parameters and the optimizer's groups
         (the denoiser at unet_lr, text encoders at text_encoder_lr)."""
         net, tc = self.proc.network, self.proc.train
-        spec = LoraSpec(rank=net.linear, alpha=net.linear_alpha, dropout=net.dropout or 0.0)
-        conv_spec = LoraSpec(rank=net.conv, alpha=net.conv_alpha) if net.conv else None
+        dora = net.type == "dora"
+        spec = LoraSpec(rank=net.linear, alpha=net.linear_alpha, dropout=net.dropout or 0.0, dora=dora)
+        conv_spec = LoraSpec(rank=net.conv, alpha=net.conv_alpha, dora=dora) if net.conv else None
         kw = net.network_kwargs
         params, groups = [], []
         for name, t in self.components.items():
@@ -479,7 +482,7 @@ class Run:
         dtype = SAVE_DTYPES[self.proc.save.dtype]
         states = {}
         for name, t in self.components.items():
-            state = {k: v.to(dtype) for k, v in lora_state(t.module).items()}
+            state = {k: v.to(dtype) for k, v in to_dora_scale(lora_state(t.module)).items()}
             for module, alpha in lora_alphas(t.module).items():
                 state[f"{module}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
             states[name] = state
@@ -493,7 +496,11 @@ class Run:
             "training_info": json.dumps({"step": self.step, "epoch": self.data.epoch}),
             "ss_base_model_version": self.arch.base_model_version,
             "ss_output_name": proc.name,
-            "ss_network_module": "lora",
+            # DoRA is LyCORIS's `lora` algorithm with weight decomposition, as kohya/LyCORIS record it
+            "ss_network_module": "lycoris.kohya" if net.type == "dora" else "networks.lora",
+            "ss_network_args": json.dumps({"algo": "lora", "dora_wd": True, "conv_dim": net.conv, "conv_alpha": net.conv_alpha}
+                                          if net.type == "dora" else {"conv_dim": net.conv, "conv_alpha": net.conv_alpha}
+                                          if net.conv else {}),
             "ss_network_dim": str(net.linear), "ss_network_alpha": str(net.linear_alpha),
             "ss_sd_model_name": Path(proc.model.name_or_path).name,
             "eri_arch": proc.model.arch_name, "eri_network_type": net.type,
