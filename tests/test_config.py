@@ -153,8 +153,12 @@ def test_unsupported_value_errors_default_passes(tmp_path):
     assert "not supported yet: config.process[0].train.noise_multiplier = 2.0" in message
     spelled_out = MINIMAL + "      train: {loss_type: mse, noise_multiplier: 1.0, linear_timesteps2: false}\n"
     assert process(load_text(tmp_path, spelled_out)).train.loss_type == "mse"
-    assert "not supported yet: config.process[0].network.type = 'lokr'" in error_of(
-        tmp_path, MINIMAL.replace("type: lora", "type: lokr"))
+    assert "not supported yet: config.process[0].network.type = 'lorm'" in error_of(
+        tmp_path, MINIMAL.replace("type: lora", "type: lorm"))
+    lokr = process(load_text(tmp_path, MINIMAL.replace("type: lora", "type: lokr"))).network
+    assert (lokr.linear, lokr.linear_alpha, lokr.lokr_factor) == (9999999999, 9999999999, -1)  # ai-toolkit's full rank
+    locon = process(load_text(tmp_path, MINIMAL.replace("type: lora", "type: lycoris"))).network
+    assert locon.type == "locon" and locon.conv == locon.linear
     assert process(load_text(tmp_path, MINIMAL.replace("type: lora", "type: lora, lokr_factor: -1"))).network.linear == 16
 
 

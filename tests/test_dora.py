@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from eridiffusion import cli
-from eridiffusion.adapters import LoraSpec, inject_lora, load_lora_state
+from eridiffusion.adapters import LoraSpec, inject_lora, load_lora_file_state, load_lora_state
 from eridiffusion.adapters.inspect import inspect_file
 from eridiffusion.train.checkpoint import latest_state, load_state
 
@@ -79,17 +79,17 @@ def test_flux_dora_file_gives_the_trainers_outputs_in_ours_and_diffusers(flux_do
     state = load_state(latest_state(flux_dora_run))["lora"]["transformer"]
     modules = sorted({k.rsplit(".lora_A", 1)[0] for k in state if ".lora_A." in k})
 
-    def with_lora(tensors):
+    def with_lora(tensors, load=load_lora_state):
         model = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer", local_files_only=True)
-        inject_lora(model, modules, LoraSpec(rank=4, alpha=8, dora=True))
-        load_lora_state(model, tensors)
+        inject_lora(model, modules, LoraSpec(rank=4, alpha=8, kind="dora"))
+        load(model, tensors)
         return model
 
     from eridiffusion.archs.flux import Flux
 
     trainer = with_lora(state)
     file_state = Flux.lora_from_file(None, load_file(flux_dora_run / "test_lora.safetensors"))["transformer"]
-    from_file = with_lora({k: v for k, v in file_state.items() if not k.endswith(".alpha")})
+    from_file = with_lora(file_state, load_lora_file_state)
     pipe = FluxPipeline.from_pretrained(tiny_flux, local_files_only=True)
     pipe.load_lora_weights(str(flux_dora_run / "test_lora.diffusers.safetensors"))
     with torch.no_grad():
@@ -122,15 +122,15 @@ def test_sdxl_dora_kohya_file(tiny_sdxl, dataset, tmp_path, write_config):
     linear = sorted({k.rsplit(".lora_A", 1)[0] for k in state if ".lora_A." in k and state[k].dim() == 2})
     conv = sorted({k.rsplit(".lora_A", 1)[0] for k in state if ".lora_A." in k and state[k].dim() == 4})
 
-    def unet_with(tensors_of):
+    def unet_with(tensors_of, load):
         arch = SDXL(parse_config(cfg).config.process[0], torch.device("cpu"), torch.float32)
         arch.load()
-        inject_lora(arch.unet, linear, LoraSpec(4, 8, dora=True), conv_targets=conv, conv_spec=LoraSpec(2, 1, dora=True))
-        load_lora_state(arch.unet, {k: v for k, v in tensors_of(arch).items() if not k.endswith(".alpha")})
+        inject_lora(arch.unet, linear, LoraSpec(4, 8, kind="dora"), conv_targets=conv, conv_spec=LoraSpec(2, 1, kind="dora"))
+        load(arch.unet, tensors_of(arch))
         return arch.unet
 
     kw = unet_inputs(text_len=77, text_dim=64)
     with torch.no_grad():
-        expected = unet_with(lambda arch: state)(**kw)[0]
-        got = unet_with(lambda arch: arch.lora_from_file(saved)["unet"])(**kw)[0]
+        expected = unet_with(lambda arch: state, load_lora_state)(**kw)[0]
+        got = unet_with(lambda arch: arch.lora_from_file(saved)["unet"], load_lora_file_state)(**kw)[0]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

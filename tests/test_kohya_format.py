@@ -157,8 +157,10 @@ def test_from_kohya_reads_other_tools_files_and_rejects_what_it_cannot_place():
         from_kohya({"lora_unet_to_out_1.lora_down.weight": down}, names, "lora_unet")
     with pytest.raises(ValueError, match="no .lora_down"):
         from_kohya({**file, "lora_unet_to_out_1.alpha": torch.tensor(1.0)}, names, "lora_unet")
-    with pytest.raises(ValueError, match="only LoRA / DoRA keys"):
-        from_kohya({**file, "lora_unet_to_out_0.hada_w1_a": up}, names, "lora_unet")
+    with pytest.raises(ValueError, match="not a LoRA, DoRA, LoHa or LoKr tensor"):
+        from_kohya({**file, "lora_unet_to_out_0.oft_blocks": up}, names, "lora_unet")
+    with pytest.raises(ValueError, match="incomplete LoHa/LoKr"):
+        from_kohya({"lora_unet_to_out_1.hada_w1_a": up}, names, "lora_unet")
     dora, _ = from_kohya({**file, "lora_unet_to_out_0.dora_scale": up[:, :1]}, names, "lora_unet")
     assert torch.equal(dora["to_out.0.dora_scale"], up[:, :1])  # DoRA's magnitude travels with its module
     clash = torch.nn.Sequential()

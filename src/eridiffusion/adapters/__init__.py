@@ -1,3 +1,5 @@
-from .lora import LoraSpec, filter_names, inject_lora, load_lora_state, lora_alphas, lora_scale, lora_state, to_dora_scale
+from .lora import (KINDS, LoraSpec, filter_names, inject_lora, load_lora_file_state, load_lora_state, lora_alphas,
+                   lora_file_state, lora_scale, lora_state)
 
-__all__ = ["LoraSpec", "filter_names", "inject_lora", "load_lora_state", "lora_alphas", "lora_scale", "lora_state", "to_dora_scale"]
+__all__ = ["KINDS", "LoraSpec", "filter_names", "inject_lora", "load_lora_file_state", "load_lora_state", "lora_alphas",
+           "lora_file_state", "lora_scale", "lora_state"]

@@ -13,7 +13,10 @@ from collections.abc import Iterable
 
 import torch
 
-_PEFT_TO_KOHYA = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight", "dora_scale": "dora_scale"}
+_PEFT_TO_KOHYA = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
+                  # DoRA, LoHa and LoKr tensors keep LyCORIS's names, which peft took over
+                  **{n: n for n in ("dora_scale", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+                                    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")}}
 _KOHYA_TO_PEFT = {v: k for k, v in _PEFT_TO_KOHYA.items()}
 
 
@@ -28,7 +31,7 @@ def to_kohya(state: dict[str, torch.Tensor], alphas: dict[str, float], prefix: s
         module, suffix = _split_peft(key)
         out[f"{_kohya_name(prefix, module)}.{_PEFT_TO_KOHYA[suffix]}"] = tensor
     for module in modules:  # kohya saves alpha in the weights' dtype
-        dtype = state[f"{module}.lora_A.weight"].dtype
+        dtype = next(v.dtype for k, v in state.items() if k.startswith(module + "."))
         out[f"{_kohya_name(prefix, module)}.alpha"] = torch.tensor(float(alphas[module]), dtype=dtype)
     return out
 
@@ -56,8 +59,8 @@ def from_kohya(tensors: dict[str, torch.Tensor], module_names: Iterable[str],
             continue
         flat, _, suffix = key[len(head):].partition(".")
         if suffix not in _KOHYA_TO_PEFT and suffix != "alpha":
-            raise ValueError(f"{key}: only LoRA / DoRA keys (.lora_down.weight, .lora_up.weight, .alpha, .dora_scale) "
-                             "are supported")
+            raise ValueError(f"{key}: not a LoRA, DoRA, LoHa or LoKr tensor name this reads "
+                             f"({', '.join(sorted(_KOHYA_TO_PEFT))}, alpha)")
         if flat not in lookup:
             unknown.add(head + flat)
             continue
@@ -73,8 +76,11 @@ def from_kohya(tensors: dict[str, torch.Tensor], module_names: Iterable[str],
     orphans = sorted(alphas.keys() - _complete_modules(state, prefix))
     if orphans:
         raise ValueError(f"{_kohya_name(prefix, orphans[0])}: has an .alpha but no .lora_down / .lora_up weights")
-    for module in _complete_modules(state, prefix):
-        alphas.setdefault(module, float(state[f"{module}.lora_A.weight"].shape[0]))
+    for module in _complete_modules(state, prefix):  # no alpha: loaders use scale 1, i.e. alpha = rank
+        rank = next((state[f"{module}.{k}"].shape[0] for k in ("lora_A.weight", "hada_w1_b", "lokr_w2_b", "lokr_w1_b")
+                     if f"{module}.{k}" in state), None)
+        if rank is not None:
+            alphas.setdefault(module, float(rank))
     return state, alphas
 
 
@@ -82,16 +88,29 @@ def _kohya_name(prefix: str, module: str) -> str:
     return f"{prefix}_{module.replace('.', '_')}"
 
 
+# what one module of each adapter type must have: alternatives of required tensor sets
+_COMPLETE = ((("lora_A.weight", "lora_B.weight"),),
+             (("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),),
+             (("lokr_w1",), ("lokr_w1_a", "lokr_w1_b")))
+_LOKR_W2 = (("lokr_w2",), ("lokr_w2_a", "lokr_w2_b"))
+
+
 def _complete_modules(state: dict[str, torch.Tensor], prefix: str) -> set[str]:
     modules = {_split_peft(k)[0] for k in state}  # a .dora_scale without its LoRA weights fails below
     for module in sorted(modules):
-        if f"{module}.lora_A.weight" not in state or f"{module}.lora_B.weight" not in state:
-            raise ValueError(f"{_kohya_name(prefix, module)}: needs both lora_down (lora_A) and lora_up (lora_B)")
+        has = lambda names: all(f"{module}.{n}" in state for n in names)
+        lokr = any(has(n) for n in _COMPLETE[2]) and any(has(n) for n in _LOKR_W2)
+        if not (has(_COMPLETE[0][0]) or has(_COMPLETE[1][0]) or lokr):
+            if any(k.startswith(f"{module}.lora_") for k in state):
+                raise ValueError(f"{_kohya_name(prefix, module)}: needs both lora_down (lora_A) and lora_up (lora_B)")
+            raise ValueError(f"{_kohya_name(prefix, module)}: an incomplete LoHa/LoKr/DoRA module (tensors: "
+                             f"{sorted(k.rsplit('.', 1)[-1] for k in state if k.startswith(module + '.'))})")
     return modules
 
 
 def _split_peft(key: str) -> tuple[str, str]:
-    for suffix in _PEFT_TO_KOHYA:
+    for suffix in sorted(_PEFT_TO_KOHYA, key=len, reverse=True):  # lokr_w1_a before lokr_w1
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1], suffix
-    raise ValueError(f"{key}: not a peft LoRA weight (<module>.lora_A.weight / .lora_B.weight / .dora_scale)")
+    raise ValueError(f"{key}: not a peft adapter weight (<module>.lora_A.weight / .lora_B.weight / .dora_scale / "
+                     ".hada_* / .lokr_*)")

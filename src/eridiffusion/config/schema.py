@@ -121,7 +121,9 @@ def parse_prompt_flags(text: str) -> tuple[str, dict[str, Any]]:
 class NetworkKwargs(Section):
     only_if_contains: list[str] | None = None
     ignore_if_contains: list[str] | None = None
-    unsupported = {"full_if_contains": None, "parameter_threshold": 0.0, "rank_dropout": None, "module_dropout": None,
+    rank_dropout: float | None = Field(None, ge=0, lt=1)  # LoHa / LoKr (peft has them for those only)
+    module_dropout: float | None = Field(None, ge=0, lt=1)
+    unsupported = {"full_if_contains": None, "parameter_threshold": 0.0,
                    "target_lin_modules": None, "block_dims": None, "block_alphas": None, "conv_block_dims": None,
                    "conv_block_alphas": None, "full_train_in_out": False}
 
@@ -136,17 +138,28 @@ class NetworkConfig(Section):
     dropout: float | None = Field(None, ge=0, lt=1)
     network_kwargs: NetworkKwargs = Field(default_factory=NetworkKwargs)
     transformer_only: bool = True
-    limited = {"type": ("lora", "dora")}
+    lokr_full_rank: bool = True  # type lokr: both Kronecker factors full matrices (ai-toolkit sets every rank/alpha to 9999999999)
+    lokr_factor: int = -1  # type lokr: Kronecker factor; -1 = the largest factor not above the square root
+    limited = {"type": ("lora", "locon", "lycoris", "dora", "loha", "lokr")}
     renamed = {"rank": "linear"}
-    unsupported = {"lorm": None, "lokr_full_rank": True, "lokr_factor": -1, "old_lokr_format": False,
+    unsupported = {"lorm": None, "old_lokr_format": False,
                    "split_multistage_loras": True, "layer_offloading": False, "pretrained_lora_path": None,
                    "all_layers": False, "normalize": False}
 
     @model_validator(mode="after")
     def _fill(self) -> NetworkConfig:
+        self.type = "locon" if self.type == "lycoris" else self.type  # ai-toolkit's two names for LyCORIS LoCon
         self.linear = 4 if self.linear is None else self.linear
         self.linear_alpha = self.alpha if self.linear_alpha is None else self.linear_alpha
+        if self.type == "locon" and self.conv is None:  # LoCon: the conv layers too, at the Linear rank unless set
+            self.conv = self.linear
+            self.conv_alpha = self.linear_alpha if self.conv_alpha is None else self.conv_alpha
         self.conv_alpha = self.conv if self.conv_alpha is None else self.conv_alpha
+        if self.type == "lokr" and self.lokr_full_rank:  # as ai-toolkit: no low-rank factor, scale 1
+            full = 9999999999
+            self.linear = self.linear_alpha = full
+            if self.conv:
+                self.conv = self.conv_alpha = full
         return self
 
 

@@ -17,8 +17,8 @@ import torch
 from tqdm import tqdm
 
 from .. import __version__
-from ..adapters import (LoraSpec, filter_names, inject_lora, load_lora_state, lora_alphas, lora_scale, lora_state,
-                        to_dora_scale)
+from ..adapters import (LoraSpec, filter_names, inject_lora, load_lora_state, lora_alphas, lora_file_state, lora_scale,
+                        lora_state)
 from ..archs import get_arch_class
 from ..data import DataPipeline
 from ..sample import Previewer
@@ -138,6 +138,19 @@ class Stepper:
         return total
 
 
+def network_args(net) -> dict:
+    """kohya's `ss_network_args` as LyCORIS writes them (algo, conv_dim/alpha, dora_wd, factor, full_matrix)."""
+    conv = {"conv_dim": net.conv, "conv_alpha": net.conv_alpha} if net.conv else {}
+    if net.type == "lora":
+        return conv
+    args = {"algo": {"dora": "lora", "locon": "locon"}.get(net.type, net.type), **conv}
+    if net.type == "dora":
+        args["dora_wd"] = True
+    if net.type == "lokr":
+        args.update(factor=net.lokr_factor, full_matrix=net.lokr_full_rank)
+    return args
+
+
 class LossLog:
     """Per-step losses kept on the device until read back together (one host sync per read), then written
     to log.jsonl and folded into the smoothed loss shown by the progress bar."""
@@ -177,9 +190,14 @@ class Run:
     def __init__(self, proc, meta: dict):
         self.proc, self.meta = proc, meta
         tc, net = proc.train, proc.network
-        if net is None or net.type not in ("lora", "dora"):  # checked before any model is loaded
-            raise ValueError("only `network: {type: lora}` and `dora` are supported yet (full fine-tuning and other "
-                             "adapters are not)")
+        if net is None:  # checked before any model is loaded
+            raise ValueError("full fine-tuning (no `network` section) is not supported yet; add network: {type: lora}")
+        kw = net.network_kwargs
+        if net.type not in ("loha", "lokr") and (kw.rank_dropout or kw.module_dropout):
+            raise ValueError(f"network.network_kwargs rank_dropout / module_dropout: not supported for network.type "
+                             f"{net.type} (peft has them for loha and lokr); use network.dropout")
+        if net.type in ("loha", "lokr") and net.dropout:
+            raise ValueError(f"network.dropout: not supported for {net.type}; use network_kwargs.rank_dropout / module_dropout")
         if not tc.train_unet:
             raise ValueError("train.train_unet: false (training only text encoders) is not supported yet")
         if tc.train_text_encoder and any(d.cache_text_embeddings for d in proc.datasets):
@@ -322,10 +340,11 @@ class Run:
         """LoRA layers into every component; returns all parameters and the optimizer's groups
         (the denoiser at unet_lr, text encoders at text_encoder_lr)."""
         net, tc = self.proc.network, self.proc.train
-        dora = net.type == "dora"
-        spec = LoraSpec(rank=net.linear, alpha=net.linear_alpha, dropout=net.dropout or 0.0, dora=dora)
-        conv_spec = LoraSpec(rank=net.conv, alpha=net.conv_alpha, dora=dora) if net.conv else None
         kw = net.network_kwargs
+        extra = dict(kind=net.type, factor=net.lokr_factor, rank_dropout=kw.rank_dropout or 0.0,
+                     module_dropout=kw.module_dropout or 0.0)
+        spec = LoraSpec(rank=net.linear, alpha=net.linear_alpha, dropout=net.dropout or 0.0, **extra)
+        conv_spec = LoraSpec(rank=net.conv, alpha=net.conv_alpha, **extra) if net.conv else None
         params, groups = [], []
         for name, t in self.components.items():
             pick = lambda names: filter_names(names, only_if_contains=kw.only_if_contains, ignore_if_contains=kw.ignore_if_contains)
@@ -482,7 +501,7 @@ class Run:
         dtype = SAVE_DTYPES[self.proc.save.dtype]
         states = {}
         for name, t in self.components.items():
-            state = {k: v.to(dtype) for k, v in to_dora_scale(lora_state(t.module)).items()}
+            state = {k: v.to(dtype) for k, v in lora_file_state(t.module).items()}
             for module, alpha in lora_alphas(t.module).items():
                 state[f"{module}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
             states[name] = state
@@ -496,11 +515,8 @@ class Run:
             "training_info": json.dumps({"step": self.step, "epoch": self.data.epoch}),
             "ss_base_model_version": self.arch.base_model_version,
             "ss_output_name": proc.name,
-            # DoRA is LyCORIS's `lora` algorithm with weight decomposition, as kohya/LyCORIS record it
-            "ss_network_module": "lycoris.kohya" if net.type == "dora" else "networks.lora",
-            "ss_network_args": json.dumps({"algo": "lora", "dora_wd": True, "conv_dim": net.conv, "conv_alpha": net.conv_alpha}
-                                          if net.type == "dora" else {"conv_dim": net.conv, "conv_alpha": net.conv_alpha}
-                                          if net.conv else {}),
+            "ss_network_module": "networks.lora" if net.type == "lora" else "lycoris.kohya",
+            "ss_network_args": json.dumps(network_args(net)),
             "ss_network_dim": str(net.linear), "ss_network_alpha": str(net.linear_alpha),
             "ss_sd_model_name": Path(proc.model.name_or_path).name,
             "eri_arch": proc.model.arch_name, "eri_network_type": net.type,
@@ -515,7 +531,8 @@ class Run:
         """What must match for a checkpoint to be resumable."""
         net = self.proc.network
         return {"arch": self.proc.model.arch_name, "network": net.type, "rank": net.linear, "alpha": float(net.linear_alpha),
-                "conv": net.conv, "components": sorted(self.components), "n_params": len(self.params)}
+                "conv": net.conv, "components": sorted(self.components), "n_params": len(self.params),
+                **({"lokr_factor": net.lokr_factor} if net.type == "lokr" else {})}
 
     def save(self, final: bool) -> None:
         try:
