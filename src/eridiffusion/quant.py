@@ -98,6 +98,13 @@ def is_quantized(t: torch.Tensor) -> bool:
     return type(t) not in (torch.Tensor, torch.nn.Parameter)
 
 
+def dequantized(t: torch.Tensor) -> torch.Tensor:
+    """A quantized weight back in its floating-point dtype (a plain weight as it is)."""
+    if not is_quantized(t):
+        return t
+    return t.get_original_weight() if hasattr(t, "get_original_weight") else t.dequantize()  # NF4 names it so
+
+
 @dataclass
 class Quantizer:
     """How the Linear weights of a frozen module are stored: `storage` None keeps them as they are."""

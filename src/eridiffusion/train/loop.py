@@ -23,6 +23,7 @@ from ..archs import get_arch_class
 from ..data import DataPipeline
 from ..sample import Previewer
 from . import checkpoint as ckpt
+from . import save_checks
 from .compile import compile_denoiser, want_compile
 from .dtypes import DTYPES, SAVE_DTYPES
 from .memory import ModelSize, estimate, frozen_base, lora_state_bytes, make_plan, swap_request, usable_gpu_memory
@@ -548,7 +549,17 @@ class Run:
         name = self.proc.name
         path = self.run_dir / f"{name}.safetensors" if final else ckpt.step_file(self.run_dir, name, self.step)
         with self.ema_weights():
-            ckpt.save_safetensors(path, self.lora_file_tensors(), self.metadata())
+            tensors = self.lora_file_tensors()
+            save_checks.require_finite(tensors, self.step)  # before anything is written: the last checkpoint stays
+            ckpt.save_safetensors(path, tensors, self.metadata())
+            problems = save_checks.check_written(path, tensors)
+            try:
+                problems += save_checks.check_modules(self.arch.lora_from_file(tensors),
+                                                      {key: t.module for key, t in self.components.items()})
+            except ValueError as e:
+                problems.append(str(e))
+            changes = {key: save_checks.output_changes(t.module) for key, t in self.components.items()}
+            save_checks.report(path, problems, changes, self.step)
             if self.proc.save.diffusers_lora:
                 dtype = SAVE_DTYPES[self.proc.save.dtype]
                 ckpt.atomic_write(ckpt.diffusers_copy(path), lambda tmp: self.arch.save_diffusers_lora(
