@@ -140,10 +140,11 @@ class NetworkConfig(Section):
     transformer_only: bool = True
     lokr_full_rank: bool = True  # type lokr: both Kronecker factors full matrices (ai-toolkit sets every rank/alpha to 9999999999)
     lokr_factor: int = -1  # type lokr: Kronecker factor; -1 = the largest factor not above the square root
+    pretrained_lora_path: str | None = None  # start from this adapter file (same type and ranks) instead of zero
     limited = {"type": ("lora", "locon", "lycoris", "dora", "loha", "lokr")}
     renamed = {"rank": "linear"}
     unsupported = {"lorm": None, "old_lokr_format": False,
-                   "split_multistage_loras": True, "layer_offloading": False, "pretrained_lora_path": None,
+                   "split_multistage_loras": True, "layer_offloading": False,
                    "all_layers": False, "normalize": False}
 
     @model_validator(mode="after")
@@ -401,9 +402,10 @@ class ModelConfig(Section):
     swap_blocks: int | None = Field(None, ge=0)  # EriDiffusion's: a block count instead of a percentage
     # a LoRA fused into the base for training and taken out again for samples (FLUX.1-schnell's training adapter)
     assistant_lora_path: str | None = None
+    lora_path: str | None = None  # a LoRA fused into the base before training, kept for samples
     renamed = {"auto_memory": "layer_offloading"}
     unsupported = {
-        "attn_masking": False, "lora_path": None, "inference_lora_path": None,
+        "attn_masking": False, "inference_lora_path": None,
         "vae_device": None, "te_device": None, "refiner_name_or_path": None, "refiner_start_at": 0.5,
         "unconditional_lora_path": None, "latent_space_version": None, "use_text_encoder_1": True,
         "use_text_encoder_2": True, "experimental_xl": False, "unet_path": None,

@@ -17,8 +17,8 @@ import torch
 from tqdm import tqdm
 
 from .. import __version__
-from ..adapters import (LoraSpec, filter_names, inject_lora, load_lora_state, lora_alphas, lora_file_state, lora_scale,
-                        lora_state)
+from ..adapters import (LoraSpec, filter_names, inject_lora, load_lora_file_state, load_lora_state, lora_alphas,
+                        lora_file_state, lora_scale, lora_state)
 from ..archs import get_arch_class
 from ..data import DataPipeline
 from ..sample import Previewer
@@ -231,15 +231,17 @@ class Run:
             raise ValueError(f"model.model_kwargs: {sorted(unknown)} not supported yet for {proc.model.arch_name} "
                              f"(known: {sorted(arch_cls.model_kwargs) or 'none'})")
         self.arch = arch_cls(proc, self.device, self.dtype)
-        self.assistant = self._assistant_lora() if proc.model.assistant_lora_path else None
+        fused = {key: self._fused_lora(key) for key in ("lora_path", "assistant_lora_path") if getattr(proc.model, key)}
+        self.assistant = fused.get("assistant_lora_path")
         self.base = frozen_base(proc, arch_cls, self.device, self.dtype,
-                                fuse=self.assistant.fuse_into if self.assistant else None)
+                                fuse=(lambda module, unit: [f.fuse_into(module, unit) for f in fused.values()]) if fused else None)
         self.base.plan = self._plan_memory
         self.memory_plan = None
         self.arch.load(self.base)
-        if self.assistant and self.assistant.unfused():
-            raise ValueError(f"model.assistant_lora_path: {len(self.assistant.unfused())} of its layers match no layer of "
-                             f"{proc.model.arch_name}, e.g. {self.assistant.unfused()[:3]}")
+        for key, lora in fused.items():
+            if lora.unfused():
+                raise ValueError(f"model.{key}: {len(lora.unfused())} of its layers match no layer of "
+                                 f"{proc.model.arch_name}, e.g. {lora.unfused()[:3]}")
         if self.base.quantizer.storage or self.base.te_quantizer.storage:
             print(f"Quantized base: denoiser {self.base.quantizer.describe()}; text encoders {self.base.te_quantizer.describe()}")
         div = self.arch.bucket_divisibility
@@ -264,6 +266,8 @@ class Run:
         if proc.save.diffusers_lora and not hasattr(self.arch, "save_diffusers_lora"):
             raise ValueError(f"save.diffusers_lora is not supported yet for {proc.model.arch_name}")
         self.params, groups = self._inject_lora()
+        if proc.network.pretrained_lora_path:
+            self._start_from_pretrained()
         for p in self.params:  # LoRA of blocks kept in host memory (block swap) still trains on the device
             p.data = p.data.to(self.device)
         checkpointing = self.memory_plan.checkpointing if self.memory_plan else tc.gradient_checkpointing
@@ -292,20 +296,41 @@ class Run:
         for _ in range(self.step):  # a forced start step starts the LR schedule there too
             self.scheduler.step()
 
-    def _assistant_lora(self):
-        """model.assistant_lora_path: a LoRA file of the denoiser, fused into the base as it loads."""
-        from safetensors.torch import load_file
-
+    def _fused_lora(self, key: str):
+        """model.lora_path / assistant_lora_path: a LoRA file of the denoiser, fused into the base as it loads."""
         from ..adapters.assistant import AssistantLora
 
-        path = Path(self.proc.model.assistant_lora_path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"model.assistant_lora_path: {path} is not a file (a local LoRA .safetensors; "
-                                    "nothing is downloaded)")
-        states = self.arch.lora_from_file(load_file(path))
+        path, states = self._adapter_file(f"model.{key}", getattr(self.proc.model, key))
         if len(states) != 1:
-            raise ValueError(f"model.assistant_lora_path: {path} adapts {sorted(states)}; only a denoiser LoRA is supported")
+            raise ValueError(f"model.{key}: {path} adapts {sorted(states)}; only a denoiser LoRA is supported")
         return AssistantLora.from_component_state(next(iter(states.values())), path)
+
+    def _adapter_file(self, key: str, value: str):
+        """(path, the architecture's per-component state) of an adapter file named by a config key."""
+        from safetensors.torch import load_file
+
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"{key}: {path} is not a file (a local adapter .safetensors; nothing is downloaded)")
+        try:
+            return path, self.arch.lora_from_file(load_file(path))
+        except ValueError as e:
+            raise ValueError(f"{key}: {path} is not an adapter file in {self.proc.model.arch_name}'s layout: {e}") from e
+
+    def _start_from_pretrained(self) -> None:
+        """network.pretrained_lora_path: the adapter starts from that file's weights (same type and ranks)."""
+        key = "network.pretrained_lora_path"
+        path, states = self._adapter_file(key, self.proc.network.pretrained_lora_path)
+        extra = sorted(set(states) - set(self.components))
+        if extra:
+            raise ValueError(f"{key}: {path} adapts {extra}, which this config does not train")
+        for name, state in states.items():
+            try:
+                load_lora_file_state(self.components[name].module, state)
+            except (RuntimeError, ValueError) as e:  # shapes: another rank, type or target set
+                raise ValueError(f"{key}: {path} does not fit this network (type {self.proc.network.type}, rank "
+                                 f"{self.proc.network.linear}): {str(e).splitlines()[0][:300]}") from e
+        print(f"Starting from {path}")
 
     def _plan_memory(self, model: torch.nn.Module, blocks: list[str]) -> None:
         """Called with the meta-device denoiser before its weights are read: swap count from the config, or
