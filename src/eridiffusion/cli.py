@@ -37,22 +37,55 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def lora_tool(argv: list[str]) -> int:
-    """`trainer lora inspect FILE`: tools for adapter files (training stays `trainer CONFIG`)."""
+    """`trainer lora inspect|convert ...`: tools for adapter files (training stays `trainer CONFIG`)."""
     parser = argparse.ArgumentParser(prog="trainer lora", description="Tools for LoRA and other adapter files.")
     sub = parser.add_subparsers(dest="command", required=True)
     inspect = sub.add_parser("inspect", help="architecture, adapter type, rank/alpha, key layout, modules, metadata")
     inspect.add_argument("file")
     inspect.add_argument("--json", action="store_true", help="the report as JSON")
+    convert = sub.add_parser("convert", help="rewrite a LoRA file in another key layout")
+    convert.add_argument("file")
+    convert.add_argument("--to", required=True, help="diffusers, comfy or kohya")
+    convert.add_argument("-o", "--output", required=True)
+    convert.add_argument("--arch", help="the architecture, when the file's metadata does not name it")
     args = parser.parse_args(argv)
-    from .adapters.inspect import inspect_file
-
     try:
-        report = inspect_file(args.file)
+        if args.command == "inspect":
+            from .adapters.inspect import inspect_file
+
+            report = inspect_file(args.file)
+            print(report.json() if args.json else report.text())
+        else:
+            convert_lora(args.file, args.to, args.output, args.arch)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(report.json() if args.json else report.text())
     return 0
+
+
+def convert_lora(path: str, layout: str, output: str, arch: str | None) -> None:
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .archs import get_arch_class
+
+    with safe_open(path, "pt") as f:
+        metadata, tensors = dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
+    arch = arch or metadata.get("eri_arch")
+    if not arch:
+        raise ValueError(f"{path}: its metadata names no architecture; pass --arch (e.g. --arch flux)")
+    cls = get_arch_class(arch)
+    layouts = getattr(cls, "lora_layouts", ())
+    if layout not in layouts:
+        raise ValueError(f"--to {layout}: {arch} LoRA files convert to {', '.join(layouts) or 'no other layout yet'}")
+    out = Path(output)
+    if out.resolve() == Path(path).resolve():
+        raise ValueError("-o must name a new file, not the input")
+    save_file({k: v.clone().contiguous() for k, v in cls.lora_to_layout(tensors, layout).items()}, str(out),
+              metadata={**metadata, "eri_layout": layout})
+    print(f"{out}: {arch} LoRA in {layout} layout")
 
 
 def run_job(arg: str, name: str | None) -> None:

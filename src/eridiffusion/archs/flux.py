@@ -201,6 +201,33 @@ class Flux:
         the main file stores as ComfyUI's `.dora_scale` and diffusers' Flux loader drops."""
         save_lora_with_diffusers(FluxPipeline, path, {"transformer_lora": modules["transformer"]}, dtype)
 
+    # ---- other layouts (trainer lora convert) ----------------------------------------------------
+    lora_layouts = ("diffusers", "comfy", "kohya")
+
+    @staticmethod
+    def lora_to_layout(tensors: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+        """A Flux LoRA file in any of lora_layouts (or bare diffusers names) -> the same LoRA in `layout`:
+        diffusers `transformer.<diffusers name>` (ours), ComfyUI `diffusion_model.<BFL name>` or kohya
+        `lora_unet_<BFL name with _>` (sd-scripts)."""
+        from ..adapters.kohya import from_kohya, to_kohya
+        from .flux_formats import lora_bfl_to_diffusers, lora_diffusers_to_bfl
+
+        bfl_names = _bfl_module_names()
+        if any(k.startswith("lora_unet_") for k in tensors):
+            state, alphas = from_kohya(tensors, bfl_names, "lora_unet")
+            state = lora_bfl_to_diffusers({**state, **{f"{m}.alpha": torch.tensor(a) for m, a in alphas.items()}})
+        elif any(k.startswith("diffusion_model.") for k in tensors):
+            state = lora_bfl_to_diffusers({k[len("diffusion_model."):]: v for k, v in tensors.items()})
+        else:
+            state = {k.removeprefix(FILE_PREFIX): v for k, v in tensors.items()}
+        if layout == "diffusers":
+            return {FILE_PREFIX + k: v for k, v in state.items()}
+        bfl = lora_diffusers_to_bfl(state)
+        if layout == "comfy":
+            return {f"diffusion_model.{k}": v for k, v in bfl.items()}
+        alphas = {k[: -len(".alpha")]: float(v) for k, v in bfl.items() if k.endswith(".alpha")}
+        return to_kohya({k: v for k, v in bfl.items() if not k.endswith(".alpha")}, alphas, "lora_unet")
+
     # ---- previews ------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, request: SampleRequest):
@@ -212,3 +239,12 @@ class Flux:
                 guidance_scale=request.guidance_scale, max_sequence_length=self.max_sequence_length,
                 generator=torch.Generator(self.device).manual_seed(request.seed),
             ).images[0]
+
+
+def _bfl_module_names() -> list[str]:
+    """Every module name of FLUX.1-dev's transformer in BFL's layout (Flex.1 and schnell name a subset)."""
+    from .flux_formats import diffusers_to_bfl, known_flux_configs
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel.from_config(known_flux_configs()["flux-dev"])
+    return sorted({k.rsplit(".", 1)[0] for k in diffusers_to_bfl(model.state_dict())})

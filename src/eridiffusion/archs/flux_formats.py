@@ -294,3 +294,122 @@ def load_flux_single_file(path: str | Path, dtype: torch.dtype = torch.bfloat16,
                          f"{len(wrong)} of the wrong shape {wrong[:5]}")
     base = base or FrozenBase(torch.device("cpu"), dtype)
     return materialize(model, _bfl_chunks(reader, config), base, BLOCK_LISTS, str(path))
+
+
+# ---- LoRA files: diffusers names <-> BFL names (ComfyUI's `diffusion_model.` and kohya's `lora_unet_`) -----------
+# A LoRA on q, k and v (and the single blocks' MLP) becomes one LoRA on the fused BFL weight: A stacked, B
+# block-diagonal, each part's alpha/rank folded into B (the fused alpha equals its rank: scale 1). Splitting goes
+# back exactly with the shared A. LoHa/LoKr factors do not stack this way, so only LoRA (and DoRA) convert.
+_LORA_PARTS = ("lora_A.weight", "lora_B.weight", "alpha", "dora_scale")
+
+
+def _lora_modules(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in state.items():
+        part = next((p for p in _LORA_PARTS if key.endswith("." + p)), None)
+        if part is None:
+            raise ValueError(f"{key}: only LoRA and DoRA files convert between Flux layouts (LoHa/LoKr factors do not "
+                             "fuse into BFL's q/k/v weights)")
+        modules.setdefault(key[: -len(part) - 1], {})[part] = t
+    return modules
+
+
+def _bfl_name(name: str) -> tuple[str, int | None, tuple[str, ...]]:
+    """A diffusers Flux module name -> (its BFL module, its part index in a fused weight or None, the parts)."""
+    for src_prefix, dst_prefix, renames, fused, _ in _BLOCKS:
+        if name.startswith(src_prefix):
+            i, _, inner = name[len(src_prefix):].partition(".")
+            if inner in renames:
+                return f"{dst_prefix}{i}.{renames[inner]}", None, ()
+            for target, parts in fused.items():
+                if inner in parts:
+                    return f"{dst_prefix}{i}.{target}", parts.index(inner), parts
+    if name in _TOP or name in _GUIDANCE:
+        return (_TOP | _GUIDANCE)[name], None, ()
+    if name == "norm_out.linear":
+        return "final_layer.adaLN_modulation.1", None, ()
+    raise ValueError(f"'{name}' is not a Flux transformer Linear that a LoRA file can name")
+
+
+def lora_diffusers_to_bfl(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Peft-named LoRA tensors of the transformer (no `transformer.` prefix) -> BFL-named ones."""
+    out, groups = {}, {}
+    for name, m in _lora_modules(state).items():
+        target, index, parts = _bfl_name(name)
+        if index is None:
+            swap = target == "final_layer.adaLN_modulation.1"  # its rows are (shift, scale), diffusers' (scale, shift)
+            out.update({f"{target}.lora_A.weight": m["lora_A.weight"],
+                        f"{target}.lora_B.weight": _swap_halves(m["lora_B.weight"]) if swap else m["lora_B.weight"]})
+            for extra in ("alpha", "dora_scale"):
+                if extra in m:
+                    out[f"{target}.{extra}"] = _swap_halves(m[extra]) if swap and extra == "dora_scale" else m[extra]
+        else:
+            groups.setdefault(target, [None] * len(parts))[index] = m
+    for target, members in groups.items():
+        present = [m for m in members if m is not None]
+        width = next(m["lora_B.weight"].shape[0] // (4 if i == 3 else 1) for i, m in enumerate(members) if m is not None)
+        rows = [4 * width if i == 3 else width for i in range(len(members))]  # single blocks' MLP is 4x wide
+        downs = [m["lora_A.weight"] for m in present]
+        rank = sum(d.shape[0] for d in downs)
+        up = torch.zeros(sum(rows), rank, dtype=downs[0].dtype)
+        row = col = 0
+        for m, height in zip(members, rows):
+            if m is not None:
+                r = m["lora_A.weight"].shape[0]
+                scale = float(m["alpha"]) / r if "alpha" in m else 1.0
+                up[row:row + height, col:col + r] = m["lora_B.weight"].float() * scale
+                col += r
+            row += height
+        out[f"{target}.lora_A.weight"] = torch.cat(downs)
+        out[f"{target}.lora_B.weight"] = up.to(downs[0].dtype)
+        out[f"{target}.alpha"] = torch.tensor(float(rank), dtype=downs[0].dtype)
+        scales = [m.get("dora_scale") for m in members]
+        if any(s is not None for s in scales):
+            if any(s is None for s in scales):
+                raise ValueError(f"{target}: DoRA on only some of its fused parts cannot be written in BFL names")
+            out[f"{target}.dora_scale"] = torch.cat(scales)
+    return out
+
+
+def lora_bfl_to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of lora_diffusers_to_bfl: fused LoRAs split by rows of B, sharing A; all-zero parts dropped."""
+    inverse = {}
+    for src_prefix, dst_prefix, renames, fused, _ in _BLOCKS:
+        inverse[dst_prefix] = (src_prefix, {b: a for a, b in renames.items()}, fused)
+    top = {b: a for a, b in (_TOP | _GUIDANCE).items()}
+    out = {}
+    for name, m in _lora_modules(state).items():
+        block = next((p for p in inverse if name.startswith(p)), None)
+        if block is None:
+            if name == "final_layer.adaLN_modulation.1":
+                parts = {"norm_out.linear": (m["lora_B.weight"], True)}
+            elif name in top:
+                parts = {top[name]: (m["lora_B.weight"], False)}
+            else:
+                raise ValueError(f"'{name}' is not a Flux (BFL layout) Linear that a LoRA file can name")
+            for target, (up, swap) in parts.items():
+                out.update({f"{target}.lora_A.weight": m["lora_A.weight"], f"{target}.lora_B.weight": _swap_halves(up) if swap else up})
+                out.update({f"{target}.{k}": (_swap_halves(m[k]) if swap and k == "dora_scale" else m[k]) for k in ("alpha", "dora_scale") if k in m})
+            continue
+        src_prefix, renames, fused = inverse[block]
+        i, _, inner = name[len(block):].partition(".")
+        if inner in renames:
+            target = f"{src_prefix}{i}.{renames[inner]}"
+            out.update({f"{target}.{k}": v for k, v in m.items()})
+            continue
+        parts = fused[inner]
+        total = m["lora_B.weight"].shape[0]
+        width = total // (7 if len(parts) == 4 else 3)
+        rows = [4 * width if j == 3 else width for j in range(len(parts))]
+        ups = m["lora_B.weight"].split(rows)
+        scales = m["dora_scale"].split(rows) if "dora_scale" in m else [None] * len(parts)
+        for part, up, scale in zip(parts, ups, scales):
+            if not up.any() and scale is None:
+                continue  # a part the fused LoRA does not touch
+            target = f"{src_prefix}{i}.{part}"
+            out.update({f"{target}.lora_A.weight": m["lora_A.weight"], f"{target}.lora_B.weight": up.contiguous()})
+            if "alpha" in m:
+                out[f"{target}.alpha"] = m["alpha"]
+            if scale is not None:
+                out[f"{target}.dora_scale"] = scale.contiguous()
+    return out
