@@ -1,6 +1,6 @@
-"""network.type locon / loha / lokr (peft's LoHa and LoKr) on Flux and SDXL: the run learns, the file's
-tensors give each layer's trained update by ComfyUI's own LoHa/LoKr formulas (comfy/weight_adapter), every
-module is complete, and the file read back through our loader gives the trainer's outputs."""
+"""Every adapter type on every registered architecture (the adapter half of the contract): the run learns, the
+file's tensors give each layer's trained update by ComfyUI's own LoRA/LoHa/LoKr formulas (comfy/weight_adapter),
+every module is complete, and the file read back through our loader gives the trainer's outputs."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from eridiffusion import cli
 from eridiffusion.adapters import load_lora_file_state, load_lora_state
 from eridiffusion.adapters.inspect import inspect_file
-from eridiffusion.archs import get_arch_class
+from eridiffusion.archs import ARCHS, get_arch_class
 from eridiffusion.config import parse_config
 from eridiffusion.train.checkpoint import latest_state, load_state
 from eridiffusion.train.loop import Run
@@ -18,7 +18,8 @@ from eridiffusion.train.loop import Run
 from .conftest import train_config
 from .test_flux_e2e import read_log
 
-VARIANTS = {"locon": {"type": "locon"}, "loha": {"type": "loha"}, "lokr": {"type": "lokr"},
+VARIANTS = {"lora": {"type": "lora"}, "dora": {"type": "dora"}, "locon": {"type": "locon"}, "loha": {"type": "loha"},
+            "lokr": {"type": "lokr"},
             "lokr_factored": {"type": "lokr", "lokr_full_rank": False, "linear": 2, "linear_alpha": 4, "lokr_factor": 4}}
 
 
@@ -42,13 +43,16 @@ def comfy_delta(t: dict[str, torch.Tensor], alpha: float | None) -> torch.Tensor
     return (alpha / down.shape[0] if alpha is not None else 1.0) * (up.flatten(1) @ down.flatten(1))
 
 
-@pytest.mark.parametrize("arch", ["flux", "sdxl"])
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def tiny_model(request, tmp_path_factory):
+    return request.param, get_arch_class(request.param).build_tiny(tmp_path_factory.mktemp(request.param) / "model")
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_lycoris_types_train_and_apply_as_comfyui_computes(arch, variant, tiny_flux, tiny_sdxl, dataset, tmp_path,
-                                                          write_config):
-    model = tiny_flux if arch == "flux" else tiny_sdxl
+def test_every_adapter_type_trains_and_applies_as_comfyui_computes(tiny_model, variant, dataset, tmp_path, write_config):
+    arch, model = tiny_model
     network = {"linear": 4, "linear_alpha": 8, **VARIANTS[variant]}
-    if arch == "sdxl" and variant != "locon":
+    if variant != "locon":  # conv layers too where the architecture has them (LoCon sets its own)
         network.update(conv=2, conv_alpha=1)
     cfg = train_config(model, dataset, tmp_path / "out", arch=arch, steps=24, network=network,
                        train={"lr": 1e-2, "batch_size": 4}, save={"save_every": 24})
@@ -69,7 +73,7 @@ def test_lycoris_types_train_and_apply_as_comfyui_computes(arch, variant, tiny_f
         load_lora_file_state(reloaded.components[name].module, state)
 
     # every adapted layer: ComfyUI's formula on the file's tensors == peft's trained update
-    component = "transformer" if arch == "flux" else "unet"
+    component = next(iter(trainer.components))  # the denoiser's
     layers = {n: m for n, m in trainer.components[component].module.named_modules() if hasattr(m, "get_delta_weight")}
     file_state = trainer.arch.lora_from_file(saved)[component]
     assert layers and {k.rsplit(".", 1)[0] if k.endswith(".alpha") else None for k in file_state} - {None} == set(layers)
