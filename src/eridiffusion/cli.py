@@ -48,9 +48,17 @@ def lora_tool(argv: list[str]) -> int:
     convert.add_argument("--to", required=True, help="diffusers, comfy or kohya")
     convert.add_argument("-o", "--output", required=True)
     convert.add_argument("--arch", help="the architecture, when the file's metadata does not name it")
+    merge = sub.add_parser("merge", help="merge LoRA files into a base model, written in the base's own layout")
+    merge.add_argument("--base", required=True, help="a diffusers folder or single model file")
+    merge.add_argument("--lora", action="append", required=True, help="an adapter file (repeat for several)")
+    merge.add_argument("--strength", action="append", type=float, help="one per --lora (default 1.0)")
+    merge.add_argument("-o", "--output", required=True)
+    merge.add_argument("--arch", help="the architecture, when the first file's metadata does not name it")
     args = parser.parse_args(argv)
     try:
-        if args.command == "inspect":
+        if args.command == "merge":
+            merge_loras(args.base, args.lora, args.strength or [], args.output, args.arch)
+        elif args.command == "inspect":
             from .adapters.inspect import inspect_file
 
             report = inspect_file(args.file)
@@ -61,6 +69,41 @@ def lora_tool(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def merge_loras(base: str, loras: list[str], strengths: list[float], output: str, arch: str | None) -> None:
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from .adapters.merge import merge_into
+    from .archs import get_arch_class
+
+    if strengths and len(strengths) != len(loras):
+        raise ValueError(f"--strength given {len(strengths)} times for {len(loras)} --lora files: give one per file or none")
+    out = Path(output)
+    if out.exists():
+        raise ValueError(f"-o {out} exists; name a new file or folder")
+    files = []
+    for path in loras:
+        with safe_open(path, "pt") as f:
+            files.append((path, dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}))
+    arch = arch or files[0][1].get("eri_arch")
+    if not arch:
+        raise ValueError(f"{loras[0]}: its metadata names no architecture; pass --arch (e.g. --arch flux)")
+    cls = get_arch_class(arch)
+    if not hasattr(cls, "open_for_merge"):
+        raise ValueError(f"trainer lora merge is not supported yet for {arch}")
+    modules, write = cls.open_for_merge(base)
+    for (path, _, tensors), strength in zip(files, strengths or [1.0] * len(files)):
+        layout = cls.lora_to_layout(tensors, "diffusers") if hasattr(cls, "lora_to_layout") else tensors
+        for component, state in cls.lora_from_file(None, layout).items():
+            if component not in modules:
+                raise ValueError(f"{path}: adapts {component}, which merge does not write for {arch}")
+            n = merge_into(modules[component], state, strength)
+            print(f"{path}: {n} layers of the {component} merged at strength {strength:g}")
+    write(out)
+    print(f"{out}: merged {arch} model")
 
 
 def convert_lora(path: str, layout: str, output: str, arch: str | None) -> None:

@@ -228,6 +228,46 @@ class Flux:
         alphas = {k[: -len(".alpha")]: float(v) for k, v in bfl.items() if k.endswith(".alpha")}
         return to_kohya({k: v for k, v in bfl.items() if not k.endswith(".alpha")}, alphas, "lora_unet")
 
+    @staticmethod
+    def open_for_merge(base: str):
+        """trainer lora merge: ({component: module}, write(output)) for the base as the user keeps it: a diffusers
+        folder is written as a folder (the other components linked or copied), a BFL single file as one."""
+        import os
+        import shutil
+
+        from safetensors.torch import save_file
+
+        from .blockwise import SafetensorsReader
+        from .flux_formats import PREFIXES, diffusers_to_bfl
+        from .sources import resolve_model_source
+
+        src = resolve_model_source(base, key="--base")
+        if src.kind == "single_file":
+            reader = SafetensorsReader(src.path)
+            dtype = next((reader.dtype(k) for k in reader.keys() if reader.dtype(k) in (torch.float32, torch.float16)),
+                         torch.bfloat16)  # float8 files are merged and written in bf16
+            prefix = next((p for p in PREFIXES if any(k.startswith(p) for k in reader.keys())), "")
+            model = load_flux_single_file(src.path, dtype)
+
+            def write(out: Path) -> None:
+                save_file({prefix + k: v.contiguous() for k, v in diffusers_to_bfl(model.state_dict()).items()}, str(out))
+            return {"transformer": model}, write
+        root = Path(src.path)
+        reader = next(iter(folder_readers(root / "transformer").values()))
+        dtype = next(reader.dtype(k) for k in reader.keys() if reader.dtype(k).is_floating_point)  # as stored
+        model = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype, local_files_only=True)
+
+        def write(out: Path) -> None:
+            def link_or_copy(a, b):
+                try:
+                    os.link(a, b)
+                except OSError:
+                    shutil.copy2(a, b)
+            shutil.copytree(root, out, ignore=lambda d, names: ["transformer"] if Path(d) == root else [],
+                            copy_function=link_or_copy)
+            model.save_pretrained(out / "transformer")
+        return {"transformer": model}, write
+
     # ---- previews ------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, request: SampleRequest):
