@@ -94,10 +94,9 @@ def merge_loras(base: str, loras: list[str], strengths: list[float], output: str
     cls = get_arch_class(arch)
     if not hasattr(cls, "open_for_merge"):
         raise ValueError(f"trainer lora merge is not supported yet for {arch}")
-    modules, write = cls.open_for_merge(base)
+    modules, write, read = cls.open_for_merge(base)
     for (path, _, tensors), strength in zip(files, strengths or [1.0] * len(files)):
-        layout = cls.lora_to_layout(tensors, "diffusers") if hasattr(cls, "lora_to_layout") else tensors
-        for component, state in cls.lora_from_file(None, layout).items():
+        for component, state in read(tensors).items():
             if component not in modules:
                 raise ValueError(f"{path}: adapts {component}, which merge does not write for {arch}")
             n = merge_into(modules[component], state, strength)

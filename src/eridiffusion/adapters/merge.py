@@ -11,13 +11,17 @@ _SUFFIXES = ("lora_A.weight", "lora_B.weight", "alpha", "dora_scale", "hada_w1_a
              "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 
 
+_KOHYA = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
+
+
 def _modules(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """module -> {tensor role: tensor}, peft's or kohya's LoRA names alike."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in state.items():
-        suffix = next((s for s in sorted(_SUFFIXES, key=len, reverse=True) if key.endswith("." + s)), None)
+        suffix = next((s for s in sorted([*_SUFFIXES, *_KOHYA], key=len, reverse=True) if key.endswith("." + s)), None)
         if suffix is None:
             raise ValueError(f"{key}: not a LoRA, DoRA, LoHa or LoKr tensor (Tucker/OFT/GLoRA files are not supported)")
-        modules.setdefault(key[: -len(suffix) - 1], {})[suffix] = t.float()
+        modules.setdefault(key[: -len(suffix) - 1], {})[_KOHYA.get(suffix, suffix)] = t.float()
     return modules
 
 

@@ -251,7 +251,7 @@ class Flux:
 
             def write(out: Path) -> None:
                 save_file({prefix + k: v.contiguous() for k, v in diffusers_to_bfl(model.state_dict()).items()}, str(out))
-            return {"transformer": model}, write
+            return {"transformer": model}, write, _read_any
         root = Path(src.path)
         reader = next(iter(folder_readers(root / "transformer").values()))
         dtype = next(reader.dtype(k) for k in reader.keys() if reader.dtype(k).is_floating_point)  # as stored
@@ -266,7 +266,7 @@ class Flux:
             shutil.copytree(root, out, ignore=lambda d, names: ["transformer"] if Path(d) == root else [],
                             copy_function=link_or_copy)
             model.save_pretrained(out / "transformer")
-        return {"transformer": model}, write
+        return {"transformer": model}, write, _read_any
 
     # ---- previews ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -288,3 +288,8 @@ def _bfl_module_names() -> list[str]:
     with torch.device("meta"):
         model = FluxTransformer2DModel.from_config(known_flux_configs()["flux-dev"])
     return sorted({k.rsplit(".", 1)[0] for k in diffusers_to_bfl(model.state_dict())})
+
+
+def _read_any(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """A Flux LoRA file in any layout lora_to_layout reads -> {"transformer": peft-named state}."""
+    return Flux.lora_from_file(None, Flux.lora_to_layout(tensors, "diffusers"))

@@ -13,6 +13,7 @@ class Kolors(SDXL):
     base_model_version = "kolors"
     components = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
     te_keys, te_linears = ("te",), ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+    lora_layouts = ()  # SDXL's converters assume CLIP text encoders and SDXL's UNet config
 
     def lora_components(self, transformer_only: bool, train_text_encoder: bool):
         if train_text_encoder:  # diffusers' kohya reader only knows CLIP layer names; ComfyUI has no Kolors

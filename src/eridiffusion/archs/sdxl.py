@@ -3,6 +3,8 @@ conditioned on CLIP-L + OpenCLIP-G penultimate states, the pooled OpenCLIP-G emb
 size/crop `time_ids` of each image. LoRA files in kohya's layout (`lora_unet_`, `lora_te1_`, `lora_te2_`)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler,
@@ -215,6 +217,110 @@ class SDXL:
             if state:
                 states[key] = {**state, **{f"{m}.alpha": torch.tensor(a) for m, a in alphas.items()}}
         return states
+
+    # ---- other layouts and merging (trainer lora convert / merge) ---------------------------------
+    lora_layouts = ("kohya", "comfy", "diffusers")  # ComfyUI applies SDXL LoRAs fully in kohya's layout: the same
+    DIFFUSERS_PREFIXES = {"unet": "unet.", "te1": "text_encoder.", "te2": "text_encoder_2."}
+
+    @classmethod
+    def _shell(cls, unet=None, text_encoders=None):
+        """An instance holding only the modules (meta-device ones from the shipped SDXL configs unless given), for
+        reading and writing LoRA files by module name."""
+        from transformers import CLIPTextConfig
+
+        from .sdxl_formats import base_config
+
+        def _clip_config(c):
+            return c if isinstance(c, CLIPTextConfig) else CLIPTextConfig(**c)
+
+        shell = cls.__new__(cls)
+        with torch.device("meta"):
+            shell.unet = unet or UNet2DConditionModel.from_config(base_config("unet"))
+            shell.text_encoders = text_encoders or [
+                CLIPTextModel(_clip_config(base_config("text_encoder"))),
+                CLIPTextModelWithProjection(_clip_config(base_config("text_encoder_2")))]
+        return shell
+
+    @classmethod
+    def lora_read_any(cls, tensors: dict[str, torch.Tensor], shell=None) -> dict[str, dict[str, torch.Tensor]]:
+        """Per-component peft-named state (with `.alpha`, DoRA as `.dora_scale`) of a file in kohya's or diffusers'
+        layout."""
+        shell = shell or cls._shell()
+        if not any(k.startswith(tuple(cls.DIFFUSERS_PREFIXES.values())) for k in tensors):
+            return shell.lora_from_file(tensors)
+        states: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in tensors.items():
+            component = next((c for c, p in cls.DIFFUSERS_PREFIXES.items() if key.startswith(p)), None)
+            if component is None:
+                raise ValueError(f"{key}: not an SDXL LoRA key (unet., text_encoder., text_encoder_2.)")
+            name = key[len(cls.DIFFUSERS_PREFIXES[component]):]
+            if name.endswith(".lora_magnitude_vector"):  # peft's DoRA magnitude: (out,), conv (1, out, 1, 1)
+                name = name[: -len(".lora_magnitude_vector")] + ".dora_scale"
+                t = t.reshape(-1, 1, 1, 1) if t.dim() == 4 else t.reshape(-1, 1)
+            states.setdefault(component, {})[name] = t
+        for state in states.values():  # diffusers files carry the scale in lora_B: alpha = rank
+            for key in [k for k in state if k.endswith(".lora_A.weight")]:
+                state.setdefault(key[: -len(".lora_A.weight")] + ".alpha", torch.tensor(float(state[key].shape[0])))
+        return states
+
+    @classmethod
+    def lora_to_layout(cls, tensors: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+        """kohya (ours; also what `comfy` means for SDXL) <-> diffusers (`unet.` / `text_encoder.` /
+        `text_encoder_2.`, each module's alpha/rank folded into lora_B so that no alpha is needed, DoRA as peft's
+        `lora_magnitude_vector`): the same weight updates either way."""
+        shell = cls._shell()
+        states = cls.lora_read_any(tensors, shell)
+        if layout in ("kohya", "comfy"):
+            return shell.lora_to_file(states)
+        out = {}
+        for component, state in states.items():
+            prefix = cls.DIFFUSERS_PREFIXES[component]
+            for key, t in state.items():
+                if key.endswith(".alpha"):
+                    continue
+                if ".hada_" in key or ".lokr_" in key:
+                    raise ValueError(f"{key}: diffusers reads LoRA and DoRA only; LoHa/LoKr files stay in kohya's layout")
+                if key.endswith(".lora_B.weight"):
+                    name = key[: -len(".lora_B.weight")]
+                    r = state[f"{name}.lora_A.weight"].shape[0]
+                    t = t * (float(state[f"{name}.alpha"]) / r if f"{name}.alpha" in state else 1.0)
+                if key.endswith(".dora_scale"):
+                    key = key[: -len(".dora_scale")] + ".lora_magnitude_vector"
+                    t = t.reshape(1, -1, 1, 1) if t.dim() == 4 else t.reshape(-1)
+                out[prefix + key] = t
+        return out
+
+    @classmethod
+    def open_for_merge(cls, base: str):
+        """trainer lora merge into a diffusers folder: (modules, write(output), read(tensors) -> states)."""
+        import os
+        import shutil
+
+        from .sources import resolve_model_source
+
+        src = resolve_model_source(base, key="--base")
+        if src.kind == "single_file":
+            raise ValueError("trainer lora merge into an SDXL single-file checkpoint is not supported yet; use its "
+                             "diffusers folder")
+        root = Path(src.path)
+        load = dict(local_files_only=True)
+        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **load)
+        tes = [CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **load),
+               CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2", **load)]
+        shell = cls._shell(unet, tes)
+        folders = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
+
+        def write(out: Path) -> None:
+            def link_or_copy(a, b):
+                try:
+                    os.link(a, b)
+                except OSError:
+                    shutil.copy2(a, b)
+            shutil.copytree(root, out, ignore=lambda d, names: list(folders.values()) if Path(d) == root else [],
+                            copy_function=link_or_copy)
+            for key, module in shell.lora_modules().items():
+                module.save_pretrained(out / folders[key])
+        return shell.lora_modules(), write, lambda tensors: cls.lora_read_any(tensors, shell)
 
     def save_diffusers_lora(self, path, modules: dict[str, torch.nn.Module], dtype: torch.dtype) -> None:
         """The same LoRA in diffusers/peft layout (`unet.`, `text_encoder.`, ...), for diffusers' loader."""
