@@ -84,5 +84,13 @@ class Architecture(Protocol):
     def lora_from_file(self, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
         """Inverse of lora_to_file."""
 
+    # full fine-tune (no network section): the trained component's name (`<component>.<parameter>` is what
+    # model.only_if_contains filters), the model in its original single-file layout, and as a diffusers folder
+    full_component: str
+
+    def full_to_file(self) -> dict[str, torch.Tensor]: ...
+
+    def save_full_diffusers(self, folder, dtype) -> None: ...
+
     def generate(self, request: SampleRequest) -> Image.Image:
         """One preview image with the weights as they are now."""

@@ -150,3 +150,32 @@ def save_lora_with_diffusers(pipe_cls, path, modules: dict, dtype) -> None:
     with tempfile.TemporaryDirectory(dir=Path(path).parent) as tmp:
         pipe_cls.save_lora_weights(tmp, weight_name="lora.safetensors", **kw)
         Path(tmp, "lora.safetensors").replace(path)
+
+
+def write_diffusers_folder(root: Path | None, folder: Path, modules: dict) -> None:
+    """A diffusers folder at `folder`: the base folder `root` with each `modules` subfolder (e.g. `transformer`)
+    replaced by that module's save_pretrained; the other components hard-linked (or copied). Written beside
+    and swapped in, so a previous complete folder stays until the new one is."""
+    import os
+    import shutil
+
+    if root is None:
+        raise ValueError("save.save_format: diffusers needs the base's diffusers folder for the other components; "
+                         "set model.extras_name_or_path")
+    tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def link_or_copy(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(root, tmp, ignore=lambda d, names: list(modules) if Path(d) == Path(root) else [],
+                    copy_function=link_or_copy)
+    for sub, module in modules.items():
+        module.save_pretrained(tmp / sub)
+    if folder.exists():
+        folder.replace(old)
+    tmp.replace(folder)
+    shutil.rmtree(old, ignore_errors=True)

@@ -13,7 +13,7 @@ from ..objectives import flow
 from ..train.dtypes import DTYPES
 from .base import LoraTargets, SampleRequest
 from .common import (encode_latents, folder_fingerprint, load_text_encoder, load_vae, on_device, resolve_roots,
-                     save_lora_with_diffusers)
+                     save_lora_with_diffusers, write_diffusers_folder)
 from .blockwise import FrozenBase, finish_loaded, folder_readers, materialize, read_units
 from .flux_formats import BLOCK_LISTS, load_flux_single_file
 from .sources import find_tokenizer_files
@@ -72,6 +72,7 @@ class Flux:
     def load(self, base: FrozenBase | None = None) -> None:
         self.base = base or FrozenBase(self.device, self.dtype)
         single, main_root, root = resolve_roots(self.model_cfg, COMPONENTS, "transformer")
+        self.components_root = root  # the other components' diffusers folder (full fine-tunes are written beside it)
         load = dict(torch_dtype=DTYPES[self.model_cfg.te_dtype or self.train_cfg.dtype], local_files_only=True)
         vae_dtype = DTYPES[self.model_cfg.vae_dtype or self.train_cfg.dtype]
         vae, vae_source = load_vae(self.model_cfg.vae_path, root, vae_dtype)
@@ -200,6 +201,18 @@ class Flux:
         """The LoRA as diffusers' own saver writes it: the main file already is, but for DoRA, whose magnitudes
         the main file stores as ComfyUI's `.dora_scale` and diffusers' Flux loader drops."""
         save_lora_with_diffusers(FluxPipeline, path, {"transformer_lora": modules["transformer"]}, dtype)
+
+    # ---- full fine-tune ----------------------------------------------------------------------------
+    full_component = "transformer"
+
+    def full_to_file(self) -> dict[str, torch.Tensor]:
+        """The transformer in BFL's single-file layout (ComfyUI's models/diffusion_models/flux1-dev.safetensors)."""
+        from .flux_formats import diffusers_to_bfl
+
+        return diffusers_to_bfl(self.transformer.state_dict())
+
+    def save_full_diffusers(self, folder: Path, dtype) -> None:
+        write_diffusers_folder(getattr(self, "components_root", None), folder, {"transformer": self.transformer})
 
     # ---- other layouts (trainer lora convert) ----------------------------------------------------
     lora_layouts = ("diffusers", "comfy", "kohya")

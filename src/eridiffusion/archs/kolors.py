@@ -15,6 +15,12 @@ class Kolors(SDXL):
     te_keys, te_linears = ("te",), ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
     lora_layouts = ()  # SDXL's converters assume CLIP text encoders and SDXL's UNet config
 
+    def full_to_file(self):
+        """The UNet (and VAE) in SGM layout: SGM has no place for ChatGLM."""
+        from .sdxl_formats import diffusers_to_sgm
+
+        return diffusers_to_sgm({"unet": self.unet.state_dict(), "vae": self.vae.state_dict()})
+
     def lora_components(self, transformer_only: bool, train_text_encoder: bool):
         if train_text_encoder:  # diffusers' kohya reader only knows CLIP layer names; ComfyUI has no Kolors
             raise ValueError("train.train_text_encoder is not supported yet for kolors: no loader reads ChatGLM LoRA keys")

@@ -19,7 +19,7 @@ from ..train.dtypes import DTYPES
 from .base import LoraTargets, SampleRequest
 from .blockwise import FrozenBase, finish_loaded
 from .common import (encode_latents, folder_fingerprint, load_vae, on_device, require_diffusers_folder,
-                     save_lora_with_diffusers)
+                     save_lora_with_diffusers, write_diffusers_folder)
 from .sources import resolve_model_source
 
 # sample.sampler -> (diffusers scheduler, extra config); built from the model's own scheduler config
@@ -74,6 +74,7 @@ class SDXL:
         if source.kind == "single_file":
             return self.load_single_file(source.path)
         root = require_diffusers_folder(str(source.path), self.components)
+        self.components_root = root
         te_dtype = DTYPES[self.model_cfg.te_dtype or self.train_cfg.dtype]
         # SDXL's VAE overflows in fp16: unless vae_dtype says otherwise it encodes in fp32 (force_upcast models)
         force_upcast = AutoencoderKL.load_config(root, subfolder="vae", local_files_only=True).get("force_upcast", False)
@@ -122,6 +123,7 @@ class SDXL:
         te_dtype = DTYPES[self.model_cfg.te_dtype or self.train_cfg.dtype]
         vae_dtype = DTYPES[self.model_cfg.vae_dtype] if self.model_cfg.vae_dtype else torch.float32
         folder = resolve_model_source(extras, key="model.extras_name_or_path").path
+        self.components_root = folder if (folder / "model_index.json").is_file() else None
         # component configs: the extras folder's when it has them, else the shipped SDXL base ones
         configs = folder if (folder / "text_encoder" / "config.json").is_file() else None
         parts = load_sdxl_single_file(path, tokenizer_folder=folder, config_folder=configs,
@@ -217,6 +219,23 @@ class SDXL:
             if state:
                 states[key] = {**state, **{f"{m}.alpha": torch.tensor(a) for m, a in alphas.items()}}
         return states
+
+    # ---- full fine-tune ----------------------------------------------------------------------------
+    full_component = "unet"
+
+    def full_to_file(self) -> dict[str, torch.Tensor]:
+        """An all-in-one checkpoint in SGM layout (ComfyUI's checkpoints/): the UNet with the VAE and the text
+        encoders that are still loaded (they are freed after caching text embeddings: then UNet and VAE)."""
+        from .sdxl_formats import diffusers_to_sgm
+
+        parts = {"unet": self.unet.state_dict()}
+        if self.vae is not None:
+            parts["vae"] = self.vae.state_dict()
+        parts.update({k: te.state_dict() for k, te in zip(("text_encoder", "text_encoder_2"), self.text_encoders)})
+        return diffusers_to_sgm(parts)
+
+    def save_full_diffusers(self, folder: Path, dtype) -> None:
+        write_diffusers_folder(getattr(self, "components_root", None), folder, {"unet": self.unet})
 
     # ---- other layouts and merging (trainer lora convert / merge) ---------------------------------
     lora_layouts = ("kohya", "comfy", "diffusers")  # ComfyUI applies SDXL LoRAs fully in kohya's layout: the same

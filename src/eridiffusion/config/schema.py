@@ -403,13 +403,16 @@ class ModelConfig(Section):
     # a LoRA fused into the base for training and taken out again for samples (FLUX.1-schnell's training adapter)
     assistant_lora_path: str | None = None
     lora_path: str | None = None  # a LoRA fused into the base before training, kept for samples
+    # full fine-tune (no network section): which parameters train, by `<component>.<parameter>` substrings
+    only_if_contains: list[str] | None = None
+    ignore_if_contains: list[str] | None = None
     renamed = {"auto_memory": "layer_offloading"}
     unsupported = {
         "attn_masking": False, "inference_lora_path": None,
         "vae_device": None, "te_device": None, "refiner_name_or_path": None, "refiner_start_at": 0.5,
         "unconditional_lora_path": None, "latent_space_version": None, "use_text_encoder_1": True,
         "use_text_encoder_2": True, "experimental_xl": False, "unet_path": None,
-        "unet_sample_size": None, "ignore_if_contains": None, "only_if_contains": None,
+        "unet_sample_size": None,
         "split_model_over_gpus": False, "split_model_other_module_param_count_scale": 0.3, "te_name_or_path": None,
         "accuracy_recovery_adapter": None, "block_compile": False, "compile_mode": "default",
         "compile_fullgraph": False, "compile_dynamic": True, "cache_size_limit": None,

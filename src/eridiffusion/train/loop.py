@@ -191,13 +191,18 @@ class Run:
     def __init__(self, proc, meta: dict):
         self.proc, self.meta = proc, meta
         tc, net = proc.train, proc.network
-        if net is None:  # checked before any model is loaded
-            raise ValueError("full fine-tuning (no `network` section) is not supported yet; add network: {type: lora}")
-        kw = net.network_kwargs
-        if net.type not in ("loha", "lokr") and (kw.rank_dropout or kw.module_dropout):
+        self.full = net is None  # no `network` section: the denoiser's own weights train
+        if self.full:  # checked before any model is loaded
+            m = proc.model
+            for key, on in (("model.quantize", m.quantize), ("model.layer_offloading / swap_blocks", m.layer_offloading or m.swap_blocks),
+                            ("train.train_text_encoder", tc.train_text_encoder), ("model.float8_matmul", m.float8_matmul)):
+                if on:
+                    raise ValueError(f"{key} is not supported with a full fine-tune (no network section) yet")
+        kw = net.network_kwargs if net else None
+        if net is not None and net.type not in ("loha", "lokr") and (kw.rank_dropout or kw.module_dropout):
             raise ValueError(f"network.network_kwargs rank_dropout / module_dropout: not supported for network.type "
                              f"{net.type} (peft has them for loha and lokr); use network.dropout")
-        if net.type in ("loha", "lokr") and net.dropout:
+        if net is not None and net.type in ("loha", "lokr") and net.dropout:
             raise ValueError(f"network.dropout: not supported for {net.type}; use network_kwargs.rank_dropout / module_dropout")
         if not tc.train_unet:
             raise ValueError("train.train_unet: false (training only text encoders) is not supported yet")
@@ -262,12 +267,16 @@ class Run:
 
         if tc.attention_backend != "native":
             self.arch.denoiser.set_attention_backend(tc.attention_backend)
-        self.components = self.arch.lora_components(net.transformer_only, tc.train_text_encoder)
-        if proc.save.diffusers_lora and not hasattr(self.arch, "save_diffusers_lora"):
-            raise ValueError(f"save.diffusers_lora is not supported yet for {proc.model.arch_name}")
-        self.params, groups = self._inject_lora()
-        if proc.network.pretrained_lora_path:
-            self._start_from_pretrained()
+        if self.full:
+            self.components = {}
+            self.params, groups = self._full_params()
+        else:
+            self.components = self.arch.lora_components(net.transformer_only, tc.train_text_encoder)
+            if proc.save.diffusers_lora and not hasattr(self.arch, "save_diffusers_lora"):
+                raise ValueError(f"save.diffusers_lora is not supported yet for {proc.model.arch_name}")
+            self.params, groups = self._inject_lora()
+            if proc.network.pretrained_lora_path:
+                self._start_from_pretrained()
         for p in self.params:  # LoRA of blocks kept in host memory (block swap) still trains on the device
             p.data = p.data.to(self.device)
         checkpointing = self.memory_plan.checkpointing if self.memory_plan else tc.gradient_checkpointing
@@ -295,6 +304,25 @@ class Run:
         self.step = tc.start_step or 0
         for _ in range(self.step):  # a forced start step starts the LR schedule there too
             self.scheduler.step()
+
+    def _full_params(self):
+        """Full fine-tune: the denoiser's parameters, filtered as ai-toolkit does by model.only_if_contains /
+        ignore_if_contains on `<component>.<parameter>` names (e.g. "transformer.transformer_blocks.")."""
+        m, denoiser = self.proc.model, self.arch.denoiser
+        component = self.arch.full_component
+        names = [n for n, _ in denoiser.named_parameters()]
+        keep = set(filter_names([f"{component}.{n}" for n in names], only_if_contains=m.only_if_contains,
+                                ignore_if_contains=m.ignore_if_contains))
+        params = []
+        for name, p in denoiser.named_parameters():
+            p.requires_grad_(f"{component}.{name}" in keep)
+            if p.requires_grad:
+                params.append(p)
+        if not params:
+            raise ValueError("model.only_if_contains / ignore_if_contains leave no parameter of the "
+                             f"{component} to train (names look like '{component}.{names[0]}')")
+        print(f"Full fine-tune: {sum(p.numel() for p in params) / 1e6:.1f}M parameters of the {component} train")
+        return params, [{"params": params, "lr": self.proc.train.unet_lr}]
 
     def _fused_lora(self, key: str):
         """model.lora_path / assistant_lora_path: a LoRA file of the denoiser, fused into the base as it loads."""
@@ -351,7 +379,9 @@ class Run:
         budget = usable_gpu_memory(self.device)
         tokens = max(r for ds in proc.datasets for r in ds.resolution) ** 2 // 256 + 512  # latent patches + text
         kw = dict(budget=budget, tokens=tokens, batch=proc.train.batch_size,
-                  lora_bytes=lora_state_bytes(size, proc.network.linear))
+                  # a full fine-tune holds weights, gradients and AdamW moments of every parameter (~12 bytes each)
+                  lora_bytes=lora_state_bytes(size, proc.network.linear) if proc.network else
+                  12.0 * sum([*size.unit_linear.values(), *size.unit_other.values()]))
         if auto:
             plan = make_plan(size, **kw)
         else:
@@ -380,8 +410,8 @@ class Run:
         return params, groups
 
     def train_mode(self, on: bool) -> None:
-        for t in self.components.values():
-            t.module.train(on)
+        for module in [t.module for t in self.components.values()] or [self.arch.denoiser]:
+            module.train(on)
 
     def _prepare_caches(self) -> None:
         """Latents and text embeddings cached when the datasets ask for it (the data side decides)."""
@@ -556,6 +586,8 @@ class Run:
     def identity(self) -> dict:
         """What must match for a checkpoint to be resumable."""
         net = self.proc.network
+        if self.full:
+            return {"arch": self.proc.model.arch_name, "network": "full", "n_params": len(self.params)}
         return {"arch": self.proc.model.arch_name, "network": net.type, "rank": net.linear, "alpha": float(net.linear_alpha),
                 "conv": net.conv, "components": sorted(self.components), "n_params": len(self.params),
                 **({"lokr_factor": net.lokr_factor} if net.type == "lokr" else {})}
@@ -573,6 +605,9 @@ class Run:
             self.losses.flush()  # the log holds every step up to the checkpoint
         name = self.proc.name
         path = self.run_dir / f"{name}.safetensors" if final else ckpt.step_file(self.run_dir, name, self.step)
+        if self.full:
+            self._save_full(path, final)
+            return
         with self.ema_weights():
             tensors = self.lora_file_tensors()
             save_checks.require_finite(tensors, self.step)  # before anything is written: the last checkpoint stays
@@ -598,6 +633,30 @@ class Run:
         })
         ckpt.prune(self.run_dir, name, self.proc.save.max_step_saves_to_keep)
 
+    def _save_full(self, path: Path, final: bool) -> None:
+        """Full fine-tune: the model as one file in its original single-file layout (ComfyUI's diffusion_models/ or
+        checkpoints/), and with save.save_format: diffusers also a diffusers folder at the end; then the state."""
+        dtype = SAVE_DTYPES[self.proc.save.dtype]
+        with self.ema_weights():
+            tensors = {k: v.to(dtype) for k, v in self.arch.full_to_file().items()}
+            save_checks.require_finite(tensors, self.step)
+            ckpt.save_safetensors(path, tensors, {"format": "pt", "eri_arch": self.proc.model.arch_name,
+                                                  "training_info": json.dumps({"step": self.step, "epoch": self.data.epoch}),
+                                                  "software": json.dumps({"name": "eridiffusion", "version": __version__})})
+            problems = save_checks.check_written(path, tensors)
+            if problems:
+                log.warning(f"{path.name}: {'; '.join(problems[:5])}")
+            if final and self.proc.save.save_format == "diffusers":
+                self.arch.save_full_diffusers(self.run_dir / self.proc.name, dtype)
+        ckpt.save_state(self.run_dir, self.step, {
+            "identity": self.identity(), "step": self.step, "seed": self.seed,
+            "weights": {n: p.detach().cpu() for n, p in self.arch.denoiser.named_parameters() if p.requires_grad},
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.stepper.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+            "rng": rng_state(self.generator), "data": self.data.state_dict(), "nan_steps": self.stepper.nan_steps,
+        })
+        ckpt.prune(self.run_dir, self.proc.name, self.proc.save.max_step_saves_to_keep)
+
     def resume(self) -> bool:
         state, path = self.resume_state, self.resume_path
         if state is None:
@@ -605,6 +664,11 @@ class Run:
         if state["identity"] != self.identity():
             raise RuntimeError(f"{path} was written by a run with {state['identity']}, but this config gives "
                                f"{self.identity()}: use another config.name or training_folder, or delete {self.run_dir}")
+        if self.full:
+            params = dict(self.arch.denoiser.named_parameters())
+            with torch.no_grad():
+                for n, w in state["weights"].items():
+                    params[n].copy_(w)
         for name, t in self.components.items():
             load_lora_state(t.module, state["lora"][name])
         self.optimizer.load_state_dict(state["optimizer"])

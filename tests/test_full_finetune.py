@@ -1,0 +1,54 @@
+"""Full fine-tune (no network section): the denoiser's own weights train (filtered by model.only_if_contains),
+the single file in the original layout reloads with the trained weights, save_format diffusers writes a folder,
+and a resumed run ends where an uninterrupted one does."""
+from __future__ import annotations
+
+import torch
+from diffusers import FluxTransformer2DModel
+from safetensors.torch import load_file
+
+from eridiffusion import cli
+from eridiffusion.archs.flux_formats import load_flux_single_file
+
+from .conftest import train_config
+from .test_flux_e2e import read_log
+
+
+def full(tiny_flux, dataset, out, steps, **model):
+    cfg = train_config(tiny_flux, dataset, out, steps=steps, sample={"prompts": []},
+                       train={"optimizer": "adafactor", "lr": 3e-4, "batch_size": 4}, save={"save_every": 3},
+                       model={"only_if_contains": ["transformer.transformer_blocks.", "transformer.single_transformer_blocks."],
+                              **model})
+    del cfg["config"]["process"][0]["network"]
+    return cfg
+
+
+def test_full_fine_tune_trains_and_saves_a_single_file_and_a_folder(tiny_flux, dataset, tmp_path, write_config):
+    cfg = full(tiny_flux, dataset, tmp_path / "out", 12)
+    cfg["config"]["process"][0]["save"]["save_format"] = "diffusers"
+    assert cli.main([str(write_config(cfg))]) == 0
+    run = tmp_path / "out" / "test_lora"
+    losses = [r["loss"] for r in read_log(run)]
+    assert sum(losses[-4:]) < sum(losses[:4])
+    base = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer", local_files_only=True)
+    single = load_flux_single_file(run / "test_lora.safetensors", torch.float32)  # BFL layout, as ComfyUI keeps it
+    folder = FluxTransformer2DModel.from_pretrained(run / "test_lora", subfolder="transformer", local_files_only=True)
+    a, b, c = base.state_dict(), single.state_dict(), folder.state_dict()
+    assert all(torch.equal(b[k], c[k]) for k in a)
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(k.startswith(("transformer_blocks.", "single_transformer_blocks.")) for k in changed)
+    assert (run / "test_lora" / "vae" / "config.json").is_file()  # the rest of the base, beside it
+
+
+def test_full_fine_tune_resumes_exactly(tiny_flux, dataset, tmp_path, write_config):
+    assert cli.main([str(write_config(full(tiny_flux, dataset, tmp_path / "a", 6), "a.yaml"))]) == 0
+    assert cli.main([str(write_config(full(tiny_flux, dataset, tmp_path / "b", 3), "b1.yaml"))]) == 0
+    assert cli.main([str(write_config(full(tiny_flux, dataset, tmp_path / "b", 6), "b2.yaml"))]) == 0
+    a = load_file(tmp_path / "a" / "test_lora" / "test_lora.safetensors")
+    b = load_file(tmp_path / "b" / "test_lora" / "test_lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_full_fine_tune_refuses_a_quantized_base(tiny_flux, dataset, tmp_path, write_config, capsys):
+    assert cli.main([str(write_config(full(tiny_flux, dataset, tmp_path / "q", 2, quantize=True)))]) == 1
+    assert "model.quantize is not supported with a full fine-tune" in capsys.readouterr().err
