@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 from eridiffusion import cli
 from eridiffusion.adapters import LoraSpec, inject_lora, load_lora_state
 from eridiffusion.adapters.merge import _modules, update
-from eridiffusion.archs.sdxl import SDXL
 from eridiffusion.train.checkpoint import latest_state, load_state
 
 from .conftest import train_config

@@ -243,11 +243,9 @@ class Flux:
 
     @staticmethod
     def open_for_merge(base: str):
-        """trainer lora merge: ({component: module}, write(output)) for the base as the user keeps it: a diffusers
-        folder is written as a folder (the other components linked or copied), a BFL single file as one."""
-        import os
-        import shutil
-
+        """trainer lora merge: ({component: module}, write(output), read(file tensors) -> states) for the base as
+        the user keeps it: a diffusers folder is written as a folder (the other components linked or copied), a BFL
+        single file as one."""
         from safetensors.torch import save_file
 
         from .blockwise import SafetensorsReader
@@ -270,16 +268,7 @@ class Flux:
         dtype = next(reader.dtype(k) for k in reader.keys() if reader.dtype(k).is_floating_point)  # as stored
         model = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype, local_files_only=True)
 
-        def write(out: Path) -> None:
-            def link_or_copy(a, b):
-                try:
-                    os.link(a, b)
-                except OSError:
-                    shutil.copy2(a, b)
-            shutil.copytree(root, out, ignore=lambda d, names: ["transformer"] if Path(d) == root else [],
-                            copy_function=link_or_copy)
-            model.save_pretrained(out / "transformer")
-        return {"transformer": model}, write, _read_any
+        return {"transformer": model}, lambda out: write_diffusers_folder(root, out, {"transformer": model}), _read_any
 
     # ---- previews ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -312,9 +312,6 @@ class SDXL:
     @classmethod
     def open_for_merge(cls, base: str):
         """trainer lora merge into a diffusers folder: (modules, write(output), read(tensors) -> states)."""
-        import os
-        import shutil
-
         from .sources import resolve_model_source
 
         src = resolve_model_source(base, key="--base")
@@ -330,15 +327,7 @@ class SDXL:
         folders = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
 
         def write(out: Path) -> None:
-            def link_or_copy(a, b):
-                try:
-                    os.link(a, b)
-                except OSError:
-                    shutil.copy2(a, b)
-            shutil.copytree(root, out, ignore=lambda d, names: list(folders.values()) if Path(d) == root else [],
-                            copy_function=link_or_copy)
-            for key, module in shell.lora_modules().items():
-                module.save_pretrained(out / folders[key])
+            write_diffusers_folder(root, out, {folders[key]: m for key, m in shell.lora_modules().items()})
         return shell.lora_modules(), write, lambda tensors: cls.lora_read_any(tensors, shell)
 
     def save_diffusers_lora(self, path, modules: dict[str, torch.nn.Module], dtype: torch.dtype) -> None:
