@@ -286,6 +286,9 @@ class TrainConfig(Section):
     # EriDiffusion's memory plan: "auto" picks quantization, block swap and checkpointing to fit the free GPU
     # memory; "off" (default) does what the config says, as ai-toolkit does
     memory: str = "off"
+    # EriDiffusion's: each parameter's optimizer step runs inside backward and frees its gradient at once
+    # (full fine-tunes: no full set of gradients ever exists); needs gradient_accumulation 1, no clipping
+    fused_backward: bool = False
     attention_backend: str = "native"  # diffusers attention backend, e.g. flash, _flash_3, sage
     limited = {
         "optimizer": ("adamw", "adam", "adamw8bit", "adam8bit", "sgd", "adafactor", "prodigy"),

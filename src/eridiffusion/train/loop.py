@@ -27,7 +27,7 @@ from . import save_checks
 from .compile import compile_denoiser, want_compile
 from .dtypes import DTYPES, SAVE_DTYPES
 from .memory import ModelSize, estimate, frozen_base, lora_state_bytes, make_plan, swap_request, usable_gpu_memory
-from .optim import build_optimizer, build_scheduler
+from .optim import PerParameterOptimizer, build_optimizer, build_scheduler
 from ..quant import gib
 
 
@@ -94,7 +94,10 @@ class Stepper:
         self.dtype, self.max_grad_norm, self.generator, self.ema = dtype, max_grad_norm, generator, ema
         self.device_type = generator.device.type
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=dtype == torch.float16)
-        self.skips_on_device = bool(optimizer.defaults.get("fused")) and not self.scaler.is_enabled()
+        # fused Adam/AdamW skip a non-finite step on the device; a per-parameter optimizer (fused backward) has
+        # already stepped each parameter inside backward, skipping those whose gradient was not finite
+        self.skips_on_device = (bool(optimizer.defaults.get("fused")) and not self.scaler.is_enabled()) or \
+            isinstance(optimizer, PerParameterOptimizer)
         self.nan_steps = self.nan_in_a_row = 0
 
     def count(self, losses: list[float]) -> None:
@@ -119,7 +122,9 @@ class Stepper:
             loss = (per_sample * batch.loss_weights.to(per_sample.device)).mean() / len(batches)
             self.scaler.scale(loss).backward()
             total = loss.detach().float() if total is None else total + loss.detach().float()
-        if self.skips_on_device:
+        if isinstance(self.optimizer, PerParameterOptimizer):
+            pass  # stepped inside backward
+        elif self.skips_on_device:
             # fused Adam/AdamW skip a step whose found_inf is set inside their kernel: no NaN/inf update is
             # applied and no host sync is needed to know it
             self.optimizer.found_inf = (~torch.isfinite(total)).float()
@@ -292,7 +297,14 @@ class Run:
         if want_compile(proc.model.compile, self.device):
             compile_denoiser(self.arch.denoiser)
         self.train_mode(True)
-        self.optimizer = build_optimizer(tc.optimizer, groups, tc.unet_lr, tc.optimizer_params)
+        if tc.fused_backward:
+            if tc.gradient_accumulation > 1 or self.dtype == torch.float16 or len(groups) > 1:
+                raise ValueError("train.fused_backward needs gradient_accumulation: 1, bf16 or fp32, and one learning rate")
+            if tc.max_grad_norm:
+                print("train.fused_backward: gradients are applied as they complete, so max_grad_norm clipping is off")
+            self.optimizer = PerParameterOptimizer(tc.optimizer, self.params, tc.unet_lr, tc.optimizer_params)
+        else:
+            self.optimizer = build_optimizer(tc.optimizer, groups, tc.unet_lr, tc.optimizer_params)
         self.scheduler = build_scheduler(tc.lr_scheduler, self.optimizer, tc.lr_scheduler_params, tc.steps)
         self.ema = None
         if tc.ema_config.use_ema:
@@ -300,7 +312,8 @@ class Run:
 
             self.ema = EMAModel(self.params, decay=tc.ema_config.ema_decay, foreach=True)
         self.stepper = Stepper(self.arch, self.params, self.optimizer, self.scheduler, dtype=self.dtype,
-                               max_grad_norm=tc.max_grad_norm, generator=self.generator, ema=self.ema)
+                               max_grad_norm=0 if tc.fused_backward else tc.max_grad_norm, generator=self.generator,
+                               ema=self.ema)
         self.step = tc.start_step or 0
         for _ in range(self.step):  # a forced start step starts the LR schedule there too
             self.scheduler.step()

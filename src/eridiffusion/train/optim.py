@@ -58,3 +58,45 @@ def build_scheduler(name: str, optimizer: torch.optim.Optimizer, params: dict, t
     warmup = int(params["num_warmup_steps"] if "num_warmup_steps" in params else params.get("warmup_steps", 0))
     kw = {k: params[k] for k in ("num_cycles", "power") if k in params}
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps, **kw)
+
+
+class PerParameterOptimizer(torch.optim.Optimizer):
+    """train.fused_backward: one optimizer per parameter, stepped inside backward as soon as that parameter's
+    gradient is complete (torch's register_post_accumulate_grad_hook), its gradient freed at once, so the
+    full-size gradients of a full fine-tune never all exist together. `step()` itself has nothing left to do;
+    the LR schedule drives this object's one param group, whose rate each parameter's optimizer takes on.
+    Fused Adam/AdamW skip a parameter whose gradient is not finite on the device (no host sync)."""
+
+    def __init__(self, name: str, params: list, lr: float, extra: dict):
+        super().__init__(params, {"lr": lr})
+        self.inner = {p: build_optimizer(name, [p], lr, extra) for p in self.param_groups[0]["params"]}
+        self.skips_on_device = all(o.defaults.get("fused") for o in self.inner.values())
+        self._hooks = [p.register_post_accumulate_grad_hook(self._step_one) for p in self.inner]
+
+    @torch.no_grad()
+    def _step_one(self, p: torch.nn.Parameter) -> None:
+        opt = self.inner[p]
+        for group in opt.param_groups:
+            group["lr"] = self.param_groups[0]["lr"]
+        if self.skips_on_device:
+            opt.found_inf = (~torch.isfinite(p.grad).all()).float()
+        opt.step()
+        p.grad = None
+
+    def step(self, closure=None):  # every parameter was stepped in backward
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.inner:
+            p.grad = None
+
+    def state_dict(self):
+        return {"lr": self.param_groups[0]["lr"], "initial_lr": self.param_groups[0].get("initial_lr"),
+                "inner": [o.state_dict() for o in self.inner.values()]}
+
+    def load_state_dict(self, state) -> None:
+        self.param_groups[0]["lr"] = state["lr"]
+        if state.get("initial_lr") is not None:
+            self.param_groups[0]["initial_lr"] = state["initial_lr"]
+        for opt, s in zip(self.inner.values(), state["inner"], strict=True):
+            opt.load_state_dict(s)
