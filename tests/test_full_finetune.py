@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from eridiffusion import cli
 from eridiffusion.archs.flux_formats import load_flux_single_file
+from eridiffusion.train.checkpoint import latest_state, load_state
 
 from .conftest import train_config
 from .test_flux_e2e import read_log
@@ -77,3 +78,24 @@ def _bfl(model):
     from eridiffusion.archs.flux_formats import diffusers_to_bfl
 
     return diffusers_to_bfl(model.state_dict())
+
+
+def test_sdxl_full_fine_tune_file_reloads_in_diffusers(tiny_sdxl, dataset, tmp_path, write_config):
+    """The SGM single file of an SDXL full fine-tune reloads through diffusers' own single-file loader with the
+    trained UNet weights."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = train_config(tiny_sdxl, dataset, tmp_path / "out", arch="sdxl", steps=3, sample={"prompts": []},
+                       train={"optimizer": "adamw", "lr": 1e-3}, model={"only_if_contains": ["unet.up_blocks."]})
+    del cfg["config"]["process"][0]["network"]
+    assert cli.main([str(write_config(cfg))]) == 0
+    file = tmp_path / "out" / "test_lora" / "test_lora.safetensors"
+    reloaded = UNet2DConditionModel.from_single_file(str(file), config=str(tiny_sdxl), subfolder="unet",
+                                                     local_files_only=True)
+    base = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet", local_files_only=True)
+    state = load_state(latest_state(tmp_path / "out" / "test_lora"))["weights"]
+    got, before = reloaded.state_dict(), base.state_dict()
+    assert state and all(k.startswith("up_blocks.") for k in state)
+    assert all(torch.equal(got[k], w) for k, w in state.items())  # the trained weights, as saved (fp32)
+    assert all(torch.equal(got[k], before[k]) for k in before if k not in state)  # the rest untouched
+    assert any(not torch.equal(got[k], before[k]) for k in state)
