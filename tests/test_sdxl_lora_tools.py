@@ -63,3 +63,32 @@ def test_merge_into_an_sdxl_folder(tiny_sdxl, dataset, tmp_path, write_config):
     with torch.no_grad():
         torch.testing.assert_close(merged(**kw)[0], trainer_unet(tiny_sdxl, run, "lora")(**kw)[0], atol=1e-5, rtol=1e-5)
     assert (out / "vae" / "config.json").is_file() and (out / "tokenizer").is_dir()
+
+
+def test_merge_into_an_sdxl_single_file(tiny_sdxl, dataset, tmp_path, write_config):
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from eridiffusion.archs.sdxl_formats import diffusers_to_sgm
+
+    load = dict(local_files_only=True)
+    parts = {"unet": UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet", **load).state_dict(),
+             "vae": AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae", **load).state_dict(),
+             "text_encoder": CLIPTextModel.from_pretrained(tiny_sdxl, subfolder="text_encoder", **load).state_dict(),
+             "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(tiny_sdxl, subfolder="text_encoder_2", **load).state_dict()}
+    single = tmp_path / "sdxl-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in diffusers_to_sgm(parts).items()}, str(single))
+    cfg = train_config(tiny_sdxl, dataset, tmp_path / "out", arch="sdxl", steps=3,
+                       network={"linear": 4, "linear_alpha": 8, "conv": 2, "conv_alpha": 1})
+    assert cli.main([str(write_config(cfg))]) == 0
+    run = tmp_path / "out" / "test_lora"
+    out = tmp_path / "merged.safetensors"
+    assert cli.main(["lora", "merge", "--base", str(single), "--lora", str(run / "test_lora.safetensors"), "-o", str(out)]) == 0
+    merged, original = load_file(out), load_file(single)
+    assert merged.keys() == original.keys()
+    assert all(torch.equal(merged[k], v) for k, v in original.items() if k.startswith("first_stage_model."))  # VAE untouched
+    unet = UNet2DConditionModel.from_single_file(str(out), config=str(tiny_sdxl), subfolder="unet", local_files_only=True)
+    kw = unet_inputs(text_len=77, text_dim=64)
+    with torch.no_grad():
+        torch.testing.assert_close(unet(**kw)[0], trainer_unet(tiny_sdxl, run, "lora")(**kw)[0], atol=1e-5, rtol=1e-5)

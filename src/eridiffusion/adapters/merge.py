@@ -44,17 +44,17 @@ def update(t: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def merge_into(model: torch.nn.Module, state: dict[str, torch.Tensor], strength: float = 1.0) -> int:
-    """Add each module's update × strength to `model`'s weights (DoRA: the adapted rows rescaled to their
-    magnitude, then blended by strength, as LyCORIS does). `state` uses the model's module names. Returns
-    how many layers changed; a module the model lacks or a shape that does not fit is an error naming it."""
+def merge_into(model: torch.nn.Module | dict, state: dict[str, torch.Tensor], strength: float = 1.0) -> int:
+    """Add each module's update × strength to the weights of `model` (a module, or a state dict with
+    `<module>.weight` keys) (DoRA: the adapted rows rescaled to their magnitude, then blended by strength, as
+    LyCORIS does). `state` uses the model's module names. Returns how many layers changed; a module the model
+    lacks or a shape that does not fit is an error naming it."""
     modules = _modules(state)
     for name, t in sorted(modules.items()):
         try:
-            layer = model.get_submodule(name)
-        except AttributeError:
+            weight = model[f"{name}.weight"] if isinstance(model, dict) else model.get_submodule(name).weight
+        except (AttributeError, KeyError):
             raise ValueError(f"the adapter names '{name}', which this model does not have") from None
-        weight = layer.weight
         delta = update(t)
         if delta.numel() != weight.numel():
             raise ValueError(f"{name}: the adapter's update has {tuple(delta.shape)} values for a weight of shape "

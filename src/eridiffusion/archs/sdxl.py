@@ -316,8 +316,7 @@ class SDXL:
 
         src = resolve_model_source(base, key="--base")
         if src.kind == "single_file":
-            raise ValueError("trainer lora merge into an SDXL single-file checkpoint is not supported yet; use its "
-                             "diffusers folder")
+            return cls._open_single_file_for_merge(src.path)
         root = Path(src.path)
         load = dict(local_files_only=True)
         unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **load)
@@ -329,6 +328,27 @@ class SDXL:
         def write(out: Path) -> None:
             write_diffusers_folder(root, out, {folders[key]: m for key, m in shell.lora_modules().items()})
         return shell.lora_modules(), write, lambda tensors: cls.lora_read_any(tensors, shell)
+
+    @classmethod
+    def _open_single_file_for_merge(cls, path: Path):
+        """An SGM checkpoint: the UNet and text encoders as diffusers state dicts, merged into and written back in
+        place of their SGM keys; everything else in the file (VAE, extra keys) is copied through untouched."""
+        from safetensors.torch import save_file
+
+        from .sdxl_formats import PREFIXES, base_config, diffusers_to_sgm, infer_sdxl_unet_config, sgm_to_diffusers
+        from .sources import load_state_dict_file
+
+        sd = load_state_dict_file(path)
+        unet_config = infer_sdxl_unet_config(sd, reference=base_config("unet"))
+        parts = sgm_to_diffusers({k: v for k, v in sd.items() if not k.startswith(PREFIXES["vae"])}, {"unet": unet_config})
+        names = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
+        modules = {key: parts[name] for key, name in names.items() if name in parts}
+
+        def write(out: Path) -> None:
+            merged = dict(sd)
+            merged.update(diffusers_to_sgm({names[key]: state for key, state in modules.items()}))
+            save_file({k: v.contiguous() for k, v in merged.items()}, str(out))
+        return modules, write, cls.lora_read_any
 
     def save_diffusers_lora(self, path, modules: dict[str, torch.nn.Module], dtype: torch.dtype) -> None:
         """The same LoRA in diffusers/peft layout (`unet.`, `text_encoder.`, ...), for diffusers' loader."""
