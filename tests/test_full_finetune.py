@@ -99,3 +99,19 @@ def test_sdxl_full_fine_tune_file_reloads_in_diffusers(tiny_sdxl, dataset, tmp_p
     assert all(torch.equal(got[k], w) for k, w in state.items())  # the trained weights, as saved (fp32)
     assert all(torch.equal(got[k], before[k]) for k in before if k not in state)  # the rest untouched
     assert any(not torch.equal(got[k], before[k]) for k in state)
+
+
+def test_kolors_full_fine_tune_saves_its_unet_as_kolors_ships_it(tmp_path, dataset, write_config):
+    from eridiffusion.archs import get_arch_class
+
+    model = get_arch_class("kolors").build_tiny(tmp_path / "kolors")
+    cfg = train_config(model, dataset, tmp_path / "out", arch="kolors", steps=2, sample={"prompts": []},
+                       train={"optimizer": "adamw", "lr": 1e-3})
+    del cfg["config"]["process"][0]["network"]
+    assert cli.main([str(write_config(cfg))]) == 0
+    from diffusers import UNet2DConditionModel
+
+    saved = load_file(tmp_path / "out" / "test_lora" / "test_lora.safetensors")
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", local_files_only=True)
+    assert saved.keys() == unet.state_dict().keys() and "encoder_hid_proj.weight" in saved
+    unet.load_state_dict(saved)  # loads as Kolors' own unet weights file

@@ -16,10 +16,9 @@ class Kolors(SDXL):
     lora_layouts = ()  # SDXL's converters assume CLIP text encoders and SDXL's UNet config
 
     def full_to_file(self):
-        """The UNet (and VAE) in SGM layout: SGM has no place for ChatGLM."""
-        from .sdxl_formats import diffusers_to_sgm
-
-        return diffusers_to_sgm({"unet": self.unet.state_dict(), "vae": self.vae.state_dict()})
+        """The UNet as Kolors ships it (diffusers' unet/diffusion_pytorch_model.safetensors): Kolors has no SGM
+        checkpoint layout (its encoder_hid_proj and ChatGLM have no SGM names) and ComfyUI core has no Kolors."""
+        return dict(self.unet.state_dict())
 
     def lora_components(self, transformer_only: bool, train_text_encoder: bool):
         if train_text_encoder:  # diffusers' kohya reader only knows CLIP layer names; ComfyUI has no Kolors
