@@ -79,3 +79,8 @@ def test_block_swap_without_checkpointing_is_a_clear_error(tiny_flux, dataset, t
     cfg = train_config(tiny_flux, dataset, tmp_path / "o", model={"swap_blocks": 1}, train={"gradient_checkpointing": False})
     assert cli.main([str(write_config(cfg))]) == 1
     assert "gradient_checkpointing: true" in capsys.readouterr().err
+
+
+def test_plan_for_a_full_fine_tune_never_quantizes_or_swaps(flux_size):
+    plan = make_plan(flux_size, **kw(flux_size, 22.5), candidates=((None, False, False), (None, True, False)))
+    assert plan.storage is None and plan.swap_blocks == 0 and "nothing fits" in plan.line()  # 12B weights alone: 22 GiB

@@ -395,8 +395,8 @@ class Run:
                   # a full fine-tune holds weights, gradients and AdamW moments of every parameter (~12 bytes each)
                   lora_bytes=lora_state_bytes(size, proc.network.linear) if proc.network else
                   12.0 * sum([*size.unit_linear.values(), *size.unit_other.values()]))
-        if auto:
-            plan = make_plan(size, **kw)
+        if auto:  # a full fine-tune trains the weights themselves: neither quantized nor swapped
+            plan = make_plan(size, **kw, **({"candidates": ((None, False, False), (None, True, False))} if self.full else {}))
         else:
             plan = estimate(size, base.quantizer.storage, swap, proc.train.gradient_checkpointing, **kw)
         base.quantizer.storage, base.swap_blocks = plan.storage, plan.swap_blocks
