@@ -37,6 +37,23 @@ def dataset(tmp_path) -> Path:
     return Path(shutil.copytree(DEMO_DATA_DIR, tmp_path / "dataset"))
 
 
+def sgm_single_file(sdxl_folder: Path, path: Path) -> Path:
+    """A diffusers SDXL folder written as one all-in-one SGM checkpoint (sd_xl_base_1.0.safetensors' layout)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from eridiffusion.archs.sdxl_formats import diffusers_to_sgm
+
+    load = dict(local_files_only=True)
+    parts = {"unet": UNet2DConditionModel.from_pretrained(sdxl_folder, subfolder="unet", **load).state_dict(),
+             "vae": AutoencoderKL.from_pretrained(sdxl_folder, subfolder="vae", **load).state_dict(),
+             "text_encoder": CLIPTextModel.from_pretrained(sdxl_folder, subfolder="text_encoder", **load).state_dict(),
+             "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(sdxl_folder, subfolder="text_encoder_2", **load).state_dict()}
+    save_file({k: v.contiguous() for k, v in diffusers_to_sgm(parts).items()}, str(path))
+    return path
+
+
 def train_config(model_dir: Path, data_dir: Path, out: Path, *, arch="flux", name="test_lora", steps=6, **overrides) -> dict:
     """A small ai-toolkit-style config; `overrides` maps section -> dict of keys to update."""
     proc = {

@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 
 from eridiffusion import cli
 from eridiffusion.adapters import LoraSpec, inject_lora, load_lora_state
-from eridiffusion.adapters.merge import _modules, update
+from eridiffusion.adapters.merge import adapter_modules, update
 from eridiffusion.train.checkpoint import latest_state, load_state
 
-from .conftest import train_config
+from .conftest import sgm_single_file, train_config
 from .test_sdxl_e2e import unet_inputs
 
 
@@ -42,7 +42,7 @@ def test_kohya_to_diffusers_loads_in_diffusers_and_converts_back(kind, tiny_sdxl
     with torch.no_grad():
         torch.testing.assert_close(pipe.unet(**kw)[0], trainer_unet(tiny_sdxl, run, kind)(**kw)[0], atol=1e-5, rtol=1e-5)
     # kohya -> diffusers -> kohya: every module's update (and DoRA magnitude) unchanged
-    a, b = _modules(load_file(kohya)), _modules(load_file(back))
+    a, b = adapter_modules(load_file(kohya)), adapter_modules(load_file(back))
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(update(b[name]), update(a[name]), atol=1e-6, rtol=1e-5)
@@ -66,19 +66,7 @@ def test_merge_into_an_sdxl_folder(tiny_sdxl, dataset, tmp_path, write_config):
 
 
 def test_merge_into_an_sdxl_single_file(tiny_sdxl, dataset, tmp_path, write_config):
-    from diffusers import AutoencoderKL
-    from safetensors.torch import save_file
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    from eridiffusion.archs.sdxl_formats import diffusers_to_sgm
-
-    load = dict(local_files_only=True)
-    parts = {"unet": UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet", **load).state_dict(),
-             "vae": AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae", **load).state_dict(),
-             "text_encoder": CLIPTextModel.from_pretrained(tiny_sdxl, subfolder="text_encoder", **load).state_dict(),
-             "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(tiny_sdxl, subfolder="text_encoder_2", **load).state_dict()}
-    single = tmp_path / "sdxl-tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in diffusers_to_sgm(parts).items()}, str(single))
+    single = sgm_single_file(tiny_sdxl, tmp_path / "sdxl-tiny.safetensors")
     cfg = train_config(tiny_sdxl, dataset, tmp_path / "out", arch="sdxl", steps=3,
                        network={"linear": 4, "linear_alpha": 8, "conv": 2, "conv_alpha": 1})
     assert cli.main([str(write_config(cfg))]) == 0

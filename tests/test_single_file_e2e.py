@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from eridiffusion import cli
 from eridiffusion.archs.flux_formats import diffusers_to_bfl
 
-from .conftest import train_config
+from .conftest import sgm_single_file, train_config
 
 
 def bfl_file(tiny_flux, path, dtype):
@@ -74,18 +74,7 @@ def test_separate_vae_folder(tiny_flux, dataset, tmp_path, write_config):
 
 
 def test_trains_sdxl_from_an_all_in_one_sgm_checkpoint(tiny_sdxl, dataset, tmp_path, write_config, capsys):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    from eridiffusion.archs.sdxl_formats import diffusers_to_sgm
-
-    load = dict(local_files_only=True)
-    components = {"unet": UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet", **load).state_dict(),
-                  "vae": AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae", **load).state_dict(),
-                  "text_encoder": CLIPTextModel.from_pretrained(tiny_sdxl, subfolder="text_encoder", **load).state_dict(),
-                  "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(tiny_sdxl, subfolder="text_encoder_2", **load).state_dict()}
-    file = tmp_path / "sd_xl_tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in diffusers_to_sgm(components).items()}, str(file))
+    file = sgm_single_file(tiny_sdxl, tmp_path / "sd_xl_tiny.safetensors")
     cfg = train_config(file, dataset, tmp_path / "out", arch="sdxl", steps=2, sample={"prompts": ["a red circle"], "width": 32, "height": 32},
                        model={"extras_name_or_path": str(tiny_sdxl)})
     assert cli.main([str(write_config(cfg))]) == 0

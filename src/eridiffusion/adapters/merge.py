@@ -14,19 +14,21 @@ _SUFFIXES = ("lora_A.weight", "lora_B.weight", "alpha", "dora_scale", "hada_w1_a
 _KOHYA = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
 
 
-def _modules(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """module -> {tensor role: tensor}, peft's or kohya's LoRA names alike."""
+def adapter_modules(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """module -> {tensor role: tensor} of an adapter state (peft's or kohya's LoRA names alike, DoRA, LoHa,
+    LoKr); an unknown tensor name is an error naming it."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in state.items():
         suffix = next((s for s in sorted([*_SUFFIXES, *_KOHYA], key=len, reverse=True) if key.endswith("." + s)), None)
         if suffix is None:
             raise ValueError(f"{key}: not a LoRA, DoRA, LoHa or LoKr tensor (Tucker/OFT/GLoRA files are not supported)")
-        modules.setdefault(key[: -len(suffix) - 1], {})[_KOHYA.get(suffix, suffix)] = t.float()
+        modules.setdefault(key[: -len(suffix) - 1], {})[_KOHYA.get(suffix, suffix)] = t
     return modules
 
 
 def update(t: dict[str, torch.Tensor]) -> torch.Tensor:
     """One module's weight update ΔW (flattened to [out, in·k·k]), alpha/rank applied as LyCORIS applies it."""
+    t = {k: v.float() for k, v in t.items()}
     alpha = float(t["alpha"]) if "alpha" in t else None
     if "lora_A.weight" in t:
         down, up = t["lora_A.weight"].flatten(1), t["lora_B.weight"].flatten(1)
@@ -49,7 +51,7 @@ def merge_into(model: torch.nn.Module | dict, state: dict[str, torch.Tensor], st
     `<module>.weight` keys) (DoRA: the adapted rows rescaled to their magnitude, then blended by strength, as
     LyCORIS does). `state` uses the model's module names. Returns how many layers changed; a module the model
     lacks or a shape that does not fit is an error naming it."""
-    modules = _modules(state)
+    modules = adapter_modules(state)
     for name, t in sorted(modules.items()):
         try:
             weight = model[f"{name}.weight"] if isinstance(model, dict) else model.get_submodule(name).weight
@@ -63,6 +65,6 @@ def merge_into(model: torch.nn.Module | dict, state: dict[str, torch.Tensor], st
         new = w + delta.reshape(w.shape)
         if "dora_scale" in t:
             norm = new.flatten(1).norm(dim=1).reshape(-1, *[1] * (w.dim() - 1))
-            new = new * t["dora_scale"].reshape(-1, *[1] * (w.dim() - 1)) / norm
+            new = new * t["dora_scale"].float().reshape(-1, *[1] * (w.dim() - 1)) / norm
         weight.copy_((w + strength * (new - w)).to(weight.dtype))
     return len(modules)

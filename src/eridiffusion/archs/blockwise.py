@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..quant import Quantizer, float8_from_file, use_float8_matmuls
+from ..quant import Quantizer, excluded, float8_from_file, use_float8_matmuls
 
 # safetensors dtype names -> torch dtypes
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -166,7 +166,7 @@ def materialize(model: torch.nn.Module, chunks: Iterable[dict[str, torch.Tensor]
             if tensor.dtype in FLOAT8:
                 scale = scales.get(owner, 1.0)
                 quantizable = (base.quantizer.storage == "float8" and owner in linears and key.endswith(".weight")
-                               and not _excluded(base.quantizer, owner))
+                               and not excluded(owner, base.quantizer.exclude))
                 if quantizable:
                     value = float8_from_file(tensor, scale, base.dtype)
                 else:  # one tensor widened at a time, never the whole file
@@ -190,12 +190,6 @@ def materialize(model: torch.nn.Module, chunks: Iterable[dict[str, torch.Tensor]
         raise ValueError(f"{source}: {len(missing)} tensors of {type(model).__name__} are missing, e.g. {missing[:5]}")
     model._eri_finished = True
     return model.eval()
-
-
-def _excluded(quantizer: Quantizer, name: str) -> bool:
-    from ..quant import excluded
-
-    return excluded(name, quantizer.exclude)
 
 
 def _assign(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:

@@ -300,17 +300,17 @@ def load_flux_single_file(path: str | Path, dtype: torch.dtype = torch.bfloat16,
 # A LoRA on q, k and v (and the single blocks' MLP) becomes one LoRA on the fused BFL weight: A stacked, B
 # block-diagonal, each part's alpha/rank folded into B (the fused alpha equals its rank: scale 1). Splitting goes
 # back exactly with the shared A. LoHa/LoKr factors do not stack this way, so only LoRA (and DoRA) convert.
-_LORA_PARTS = ("lora_A.weight", "lora_B.weight", "alpha", "dora_scale")
+_LORA_PARTS = {"lora_A.weight", "lora_B.weight", "alpha", "dora_scale"}
 
 
 def _lora_modules(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in state.items():
-        part = next((p for p in _LORA_PARTS if key.endswith("." + p)), None)
-        if part is None:
-            raise ValueError(f"{key}: only LoRA and DoRA files convert between Flux layouts (LoHa/LoKr factors do not "
-                             "fuse into BFL's q/k/v weights)")
-        modules.setdefault(key[: -len(part) - 1], {})[part] = t
+    from ..adapters.merge import adapter_modules
+
+    modules = adapter_modules(dict(state))
+    for name, parts in modules.items():
+        if set(parts) - _LORA_PARTS:
+            raise ValueError(f"{name}.{sorted(set(parts) - _LORA_PARTS)[0]}: only LoRA and DoRA files convert between "
+                             "Flux layouts (LoHa/LoKr factors do not fuse into BFL's q/k/v weights)")
     return modules
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..adapters.merge import adapter_modules
 from ..quant import dequantized
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def check_modules(states: dict[str, dict[str, torch.Tensor]], modules: dict[str,
     problems = []
     for component, state in states.items():
         names = {n for n, _ in modules[component].named_modules()} if component in modules else set()
-        wanted = {k.rsplit(".", 2)[0] if ".lora_" in k and k.endswith(".weight") else k.rsplit(".", 1)[0] for k in state}
+        wanted = set(adapter_modules(state))
         problems += [f"{component}: no module {m!r} for the file's keys" for m in sorted(wanted - names)]
     return problems
 
