@@ -28,6 +28,7 @@ from eridiffusion.config import parse_config
 from eridiffusion.data import Batch
 from eridiffusion.train.compile import compile_denoiser, want_compile
 from eridiffusion.train.loop import Stepper
+from eridiffusion.train.memory import enable_checkpointing
 from eridiffusion.train.optim import build_optimizer, build_scheduler
 
 torch.backends.cuda.matmul.allow_tf32 = True
@@ -77,8 +78,16 @@ def main():
     ap.add_argument("--cap", type=float)
     ap.add_argument("--error", action="store_true")
     ap.add_argument("--fp8mm", action="store_true", help="model.float8_matmul (with --qtype float8)")
+    ap.add_argument("--profile", action="store_true", help="print the GPU kernels of one step, most time first")
+    ap.add_argument("--cudnn", action="store_true", help="allow cuDNN's attention (off by default here)")
+    ap.add_argument("--keep", type=int, default=0, help="blocks left whole (not checkpointed), the first K")
+    ap.add_argument("--no-ckpt", action="store_true", help="no gradient checkpointing")
     args = ap.parse_args()
     dev = torch.device("cuda")
+    torch.backends.cuda.enable_cudnn_sdp(args.cudnn)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION] * args.cudnn + [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     if args.cap:
         torch.cuda.set_per_process_memory_fraction(args.cap * 2**30 / torch.cuda.get_device_properties(dev).total_memory)
     cfg = {"job": "extension", "config": {"name": "bench", "process": [{
@@ -110,7 +119,9 @@ def main():
         params += inject_lora(t.module, t.linear, LoraSpec(rank=16, alpha=16), seed=0)
     for p in params:
         p.data = p.data.to(dev)
-    model.enable_gradient_checkpointing()
+    if not args.no_ckpt:
+        blocks = [b for n in arch.block_lists for b in getattr(model, n)]
+        enable_checkpointing(model, blocks[:args.keep])
     if args.swap:
         from eridiffusion.train.offload import BlockSwap
 
@@ -122,20 +133,32 @@ def main():
     opt = build_optimizer("adamw", params, 1e-4, {})
     stepper = Stepper(arch, params, opt, build_scheduler("constant", opt, {}, 100), dtype=torch.bfloat16,
                       max_grad_norm=1.0, generator=torch.Generator(dev).manual_seed(0))
+    def step():
+        with sdpa_kernel(order, set_priority=True):  # --cudnn: cuDNN's attention first
+            stepper.step([batch])
+
     for _ in range(4 if compiled else 2):
-        stepper.step([batch])
+        step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     for _ in range(8):
-        stepper.step([batch])
+        step()
     torch.cuda.synchronize()
-    key = (f"{args.arch}_bs{args.bs}_ckpt" + ("" if compiled else "_eager") + (f"_{args.qtype}" if args.qtype else "") + ("_fp8mm" if args.fp8mm else "")
-           + (f"_swap{args.swap}" if args.swap else "") + (f"_cap{args.cap:g}" if args.cap else ""))
+    key = (f"{args.arch}_bs{args.bs}" + ("" if compiled else "_eager") + (f"_{args.qtype}" if args.qtype else "") + ("_fp8mm" if args.fp8mm else "")
+           + (f"_swap{args.swap}" if args.swap else "") + (f"_keep{args.keep}" if args.keep else "") + ("_cudnn" if args.cudnn else "")
+           + ("_nockpt" if args.no_ckpt else "") + (f"_cap{args.cap:g}" if args.cap else ""))
     result = {key: {"step_s": round((time.perf_counter() - t) / 8, 4),
                     "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "n_lora": sum(p.numel() for p in params),
                     "output_error": None if error is None else round(error, 4)}}
     print(json.dumps(result))
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
     if os.environ.get("OUT"):
         json.dump(result, open(os.path.join(os.environ["OUT"], f"ours_{key}.json"), "w"))
 

@@ -41,6 +41,11 @@ def test_estimate_is_close_to_what_was_measured_and_never_below(flux_size, setti
 def test_plan_picks_the_fastest_settings_that_fit(flux_size):
     card = make_plan(flux_size, **kw(flux_size, 22.5))  # a 24 GB card after the CUDA context
     assert (card.storage, card.swap_blocks, card.checkpointing) == ("float8", 0, True)
+    # the room left keeps blocks whole (no recompute); fp8 matmuls save no dequantized weights, so more fit
+    assert 0 < card.whole_blocks < 57 and card.expected_peak <= 22.5 * GIB
+    assert estimate(flux_size, "float8", 0, True, whole=card.whole_blocks + 1, **kw(flux_size, 22.5)).expected_peak > 22.5 * GIB
+    fp8 = make_plan(flux_size, **kw(flux_size, 22.5), fp8_matmul=True)
+    assert fp8.whole_blocks > card.whole_blocks and "but for the first" in fp8.line()
     small = make_plan(flux_size, **kw(flux_size, 12))
     assert small.storage == "float8" and 0 < small.swap_blocks < 57 and small.expected_peak <= 12 * GIB
     fewer = make_plan(flux_size, **kw(flux_size, 10))
@@ -50,6 +55,66 @@ def test_plan_picks_the_fastest_settings_that_fit(flux_size):
     hopeless = make_plan(flux_size, **kw(flux_size, 2))
     assert hopeless.expected_peak > 2 * GIB and "nothing fits" in hopeless.line()
     assert "expected peak" in card.line() and '"storage": "float8"' in card.to_json()
+
+
+# bench/RESULTS.md: float8 base with fp8 matmuls, the first K blocks not checkpointed (bench/lora_step.py --keep K)
+MEASURED_WHOLE = {6: 17.47, 12: 20.5}
+
+
+@pytest.mark.parametrize("whole", sorted(MEASURED_WHOLE))
+def test_estimate_of_blocks_kept_whole(flux_size, whole):
+    peak = estimate(flux_size, "float8", 0, True, whole=whole, fp8_matmul=True, **kw(flux_size, 24)).expected_peak / GIB
+    assert MEASURED_WHOLE[whole] <= peak <= MEASURED_WHOLE[whole] * 1.15 + 0.5
+
+
+def test_plan_for_a_unet_turns_checkpointing_off_where_it_fits():
+    """A model without block lists (SDXL's UNet) is estimated as a whole: measured 6.18 GiB checkpointed, 11.62
+    without (1024², bs 1, rank 16); on a 24 GB card the plan drops checkpointing (0.39x the reference's step)."""
+    from diffusers import UNet2DConditionModel
+
+    from eridiffusion.archs.sdxl import SDXL
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(SDXL_UNET)
+    size = ModelSize.of(unet, [], SDXL.quantize_exclude)
+    args = dict(budget=24 * GIB, tokens=64 * 64 + 512, batch=1, lora_bytes=lora_state_bytes(size, 16))
+    for ckpt, measured in ((True, 6.18), (False, 11.62)):
+        peak = estimate(size, None, 0, ckpt, **args).expected_peak / GIB
+        assert measured <= peak <= measured * 1.15 + 0.5
+    plan = make_plan(size, **{**args, "budget": 22.5 * GIB})
+    assert (plan.storage, plan.checkpointing, plan.whole_blocks) == (None, False, 0)
+    assert make_plan(size, **{**args, "budget": 10 * GIB}).checkpointing
+
+
+SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2048,
+                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+
+
+def test_blocks_kept_whole_give_the_same_gradients(tiny_flux):
+    """Checkpointing all blocks or all but the first: the same LoRA gradients, bit for bit."""
+    from eridiffusion.adapters import LoraSpec, inject_lora
+    from eridiffusion.train.memory import enable_checkpointing
+
+    from .test_quant import inputs
+
+    grads = []
+    for whole in (0, 1):
+        model = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer", local_files_only=True).train()
+        params = inject_lora(model, [n for n, m in model.named_modules() if n.endswith("attn.to_q")], LoraSpec(rank=4, alpha=4), seed=0)
+        for p in params:  # B starts at zero: give the LoRA something to pass on
+            torch.nn.init.normal_(p.data, std=0.1, generator=torch.Generator().manual_seed(p.numel()))
+        blocks = [model.get_submodule(b) for b in block_units(model, Flux.block_lists)]
+        enable_checkpointing(model, whole=blocks[:whole])
+        runs = {0: 0, -1: 0}  # a checkpointed block runs twice (forward, recompute), a whole one once
+        for i in runs:
+            blocks[i].register_forward_pre_hook(lambda m, a, i=i: runs.__setitem__(i, runs[i] + 1))
+        model(**inputs())[0].square().mean().backward()
+        assert runs == {0: 1 if whole else 2, -1: 2}
+        grads.append([p.grad for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*grads)) and any(g.abs().sum() > 0 for g in grads[0])
 
 
 def test_swap_keys(tiny_flux, dataset, tmp_path):

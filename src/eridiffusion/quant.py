@@ -168,30 +168,42 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if math.isfinite(n) else "?"
 
 
+def _rows_to_float8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """t (2-D) as e4m3 with one fp32 scale per row."""
+    scale = (t.abs().amax(dim=1, keepdim=True).float() / torch.finfo(torch.float8_e4m3fn).max).clamp_min(1e-12)
+    return (t.float() / scale).to(torch.float8_e4m3fn), scale
+
+
 class Float8Matmul(torch.autograd.Function):
-    """y = x·Wᵀ on fp8 tensor cores: x quantized per row to e4m3 on the fly, W's stored e4m3 rows and scales
-    used as they are (torch._scaled_mm); the input gradient in the activations' dtype from the dequantized
-    weight. Written here because torchao's float8 inference tensors have no backward, and its float8 training
-    keeps a full-precision copy of every weight."""
+    """y = x·Wᵀ and its input gradient both on fp8 tensor cores (torch._scaled_mm), W's stored e4m3 rows used
+    as they are. Forward: x quantized per row. Backward: dx = g·W contracts over W's rows, so W's per-row
+    scales are folded into g's columns before g is quantized per row; the e4m3 W is only transposed, never
+    dequantized. Written here because torchao's float8 inference tensors have no fp8 backward, and its float8
+    training keeps a full-precision copy of every weight."""
 
     @staticmethod
     def forward(ctx, x, qdata, scale, bias):
-        shape, dtype = x.shape, x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        x2 = x.reshape(-1, shape[-1])
-        x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / torch.finfo(torch.float8_e4m3fn).max).clamp_min(1e-12)
-        xq = (x2.float() / x_scale).to(torch.float8_e4m3fn)
-        y = torch._scaled_mm(xq, qdata.t(), scale_a=x_scale, scale_b=scale.reshape(1, -1), out_dtype=dtype)
+        shape = x.shape
+        dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        xq, x_scale = _rows_to_float8(x.reshape(-1, shape[-1]))
+        y = torch._scaled_mm(xq, qdata.t(), scale_a=x_scale, scale_b=scale.reshape(1, -1).float(), out_dtype=dtype)
         if bias is not None:
             y = y + bias.to(dtype)
         ctx.save_for_backward(qdata, scale)
-        ctx.x_dtype = x.dtype
+        ctx.x_dtype, ctx.x_shape = x.dtype, shape
         return y.reshape(*shape[:-1], qdata.shape[0]).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         qdata, scale = ctx.saved_tensors
-        weight = (qdata.to(grad.dtype) * scale.to(grad.dtype))  # [out, in]
-        return (grad @ weight).to(ctx.x_dtype), None, None, None
+        g = grad.reshape(-1, qdata.shape[0]).float() * scale.reshape(1, -1).float()
+        gq, g_scale = _rows_to_float8(g)
+        # _scaled_mm takes its second operand column-major: W's transpose, made contiguous, viewed back
+        w_cols = qdata.t().contiguous().t()
+        ones = torch.ones(1, qdata.shape[1], device=qdata.device, dtype=torch.float32)
+        dtype = ctx.x_dtype if ctx.x_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        dx = torch._scaled_mm(gq, w_cols, scale_a=g_scale, scale_b=ones, out_dtype=dtype)
+        return dx.reshape(ctx.x_shape).to(ctx.x_dtype), None, None, None
 
 
 def float8_matmul_forward(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from . import checkpoint as ckpt
 from . import save_checks
 from .compile import compile_denoiser, want_compile
 from .dtypes import DTYPES, SAVE_DTYPES
-from .memory import ModelSize, estimate, frozen_base, lora_state_bytes, make_plan, swap_request, usable_gpu_memory
+from .memory import ModelSize, enable_checkpointing, estimate, frozen_base, lora_state_bytes, make_plan, swap_request, usable_gpu_memory
 from .optim import PerParameterOptimizer, build_optimizer, build_scheduler
 from ..quant import gib
 
@@ -285,13 +285,13 @@ class Run:
         for p in self.params:  # LoRA of blocks kept in host memory (block swap) still trains on the device
             p.data = p.data.to(self.device)
         checkpointing = self.memory_plan.checkpointing if self.memory_plan else tc.gradient_checkpointing
+        blocks = [b for name in self.arch.block_lists for b in getattr(self.arch.denoiser, name)]
         if checkpointing:
-            self.arch.denoiser.enable_gradient_checkpointing()
+            enable_checkpointing(self.arch.denoiser, whole=blocks[:self.memory_plan.whole_blocks if self.memory_plan else 0])
         self.block_swap = None
         if self.base.swap_blocks:
             from .offload import BlockSwap
 
-            blocks = [b for name in self.arch.block_lists for b in getattr(self.arch.denoiser, name)]
             self.block_swap = BlockSwap(blocks, self.base.swap_blocks, self.device)
             self.block_swap.attach()
         if want_compile(proc.model.compile, self.device):
@@ -396,7 +396,8 @@ class Run:
                   lora_bytes=lora_state_bytes(size, proc.network.linear) if proc.network else
                   12.0 * sum([*size.unit_linear.values(), *size.unit_other.values()]))
         if auto:  # a full fine-tune trains the weights themselves: neither quantized nor swapped
-            plan = make_plan(size, **kw, **({"candidates": ((None, False, False), (None, True, False))} if self.full else {}))
+            plan = make_plan(size, **kw, fp8_matmul=base.float8_matmul,
+                             **({"candidates": ((None, False, False), (None, True, False))} if self.full else {}))
         else:
             plan = estimate(size, base.quantizer.storage, swap, proc.train.gradient_checkpointing, **kw)
         base.quantizer.storage, base.swap_blocks = plan.storage, plan.swap_blocks

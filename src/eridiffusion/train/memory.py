@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.utils.checkpoint
 
 from ..archs.blockwise import FrozenBase
 from ..quant import BYTES_PER_WEIGHT, Quantizer, excluded, gib, storage_of, text_encoder_bits_qtype
@@ -15,6 +16,9 @@ from ..quant import BYTES_PER_WEIGHT, Quantizer, excluded, gib, storage_of, text
 # (its input) and what one block needs while it runs or recomputes. Calibrated on a 12B, 57-block transformer
 # at 1024² on an H200 (bf16 step 25.6 GiB = 22.2 weights + 1.3 LoRA/AdamW + ~2 activations), with margin.
 SAVED_PER_BLOCK, WORKING_SET, UNCHECKPOINTED_PER_BLOCK = 1.0, 24.0, 21.0
+# A model without repeated-block lists (a UNet), in the same units over the whole model: checkpointed and not.
+# Calibrated on SDXL's UNet at 1024² (H200: 6.18 / 11.62 GiB peaks = 4.8 weights + 0.6 LoRA/AdamW + activations).
+WHOLE_MODEL_CHECKPOINTED, WHOLE_MODEL_UNCHECKPOINTED = 70.0, 560.0
 RESERVE = 1.5 * 2**30  # CUDA context, cuBLAS workspaces, allocator fragmentation
 # (storage, checkpointing, may swap), fastest first as measured on that model: exact weights without and with
 # checkpointing, then float8 (compiled it is faster than bf16, output error 0.02), float8 with block swap
@@ -32,13 +36,15 @@ class Plan:
     budget: float  # bytes
     weights: float
     activations: float
+    whole_blocks: int = 0  # with checkpointing: the first blocks keep their activations (no recompute)
     notes: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         swap = f"{self.swap_blocks} blocks swapped" if self.swap_blocks else "no block swap"
         fits = "" if self.expected_peak <= self.budget else " (does NOT fit: expect out-of-memory)"
+        whole = f" but for the first {self.whole_blocks} blocks" if self.whole_blocks else ""
         return (f"memory plan: base {self.storage or 'unquantized'}, {swap}, checkpointing "
-                f"{'on' if self.checkpointing else 'off'}; expected peak {gib(self.expected_peak)} of "
+                f"{'on' + whole if self.checkpointing else 'off'}; expected peak {gib(self.expected_peak)} of "
                 f"{gib(self.budget)} usable{fits}" + "".join(f"; {n}" for n in self.notes))
 
     def to_json(self) -> str:
@@ -76,27 +82,42 @@ class ModelSize:
 
 
 def estimate(size: ModelSize, storage: str | None, swap: int, checkpointing: bool, *, budget: float, tokens: int,
-             batch: int, lora_bytes: float) -> Plan:
-    """The expected peak of one training step with these settings."""
+             batch: int, lora_bytes: float, whole: int = 0, fp8_matmul: bool = False) -> Plan:
+    """The expected peak of one training step with these settings (`whole`: checkpointed but for the first
+    `whole` blocks)."""
     act_unit = tokens * batch * size.width * 2.0
     n = len(size.blocks)
-    acts = act_unit * (SAVED_PER_BLOCK * n + WORKING_SET if checkpointing else UNCHECKPOINTED_PER_BLOCK * n + WORKING_SET)
+    if not n:
+        acts = act_unit * (WHOLE_MODEL_CHECKPOINTED if checkpointing else WHOLE_MODEL_UNCHECKPOINTED)
+    elif checkpointing:
+        acts = act_unit * (SAVED_PER_BLOCK * (n - whole) + UNCHECKPOINTED_PER_BLOCK * whole + WORKING_SET)
+    else:
+        acts = act_unit * (UNCHECKPOINTED_PER_BLOCK * n + WORKING_SET)
     units = set(size.unit_linear) | set(size.unit_other)
     resident = sum(size.unit_bytes(u, storage) for u in units)
     swapped = [size.unit_bytes(b, storage) for b in size.blocks[n - swap:]] if swap else []
     weights = resident - sum(swapped) + 2 * max(swapped, default=0.0)  # two swapped blocks on the GPU at a time
-    return Plan(storage, swap, checkpointing, weights + lora_bytes + acts + RESERVE, budget, weights, acts)
+    if storage and not fp8_matmul and checkpointing:
+        # a block kept whole saves its dequantized weights for backward; fp8 matmuls save the stored ones
+        acts += sum(size.unit_bytes(b, None) for b in size.blocks[:whole])
+    return Plan(storage, swap, checkpointing, weights + lora_bytes + acts + RESERVE, budget, weights, acts, whole)
 
 
 def make_plan(size: ModelSize, *, budget: float, tokens: int, batch: int, lora_bytes: float,
-              candidates=CANDIDATES) -> Plan:
-    """The first candidate whose estimated peak fits, with as few swapped blocks as fit."""
-    kw = dict(budget=budget, tokens=tokens, batch=batch, lora_bytes=lora_bytes)
+              candidates=CANDIDATES, fp8_matmul: bool = False) -> Plan:
+    """The first candidate whose estimated peak fits, with as few swapped blocks as fit; a checkpointed plan
+    without swap then keeps as many blocks whole as still fit (each one less recompute: ~1 % of a Flux step)."""
+    kw = dict(budget=budget, tokens=tokens, batch=batch, lora_bytes=lora_bytes, fp8_matmul=fp8_matmul)
     tried = []
     for storage, ckpt, may_swap in candidates:
         for swap in range(1 if may_swap else 0, len(size.blocks) + 1 if may_swap else 1):
             plan = estimate(size, storage, swap, ckpt, **kw)
             if plan.expected_peak <= budget:
+                while ckpt and not swap and plan.whole_blocks < len(size.blocks):
+                    wider = estimate(size, storage, 0, True, whole=plan.whole_blocks + 1, **kw)
+                    if wider.expected_peak > budget:
+                        break
+                    plan = wider
                 return plan
             tried.append(plan)
     best = min(tried, key=lambda p: p.expected_peak)
@@ -107,7 +128,7 @@ def make_plan(size: ModelSize, *, budget: float, tokens: int, batch: int, lora_b
 def lora_state_bytes(size: ModelSize, rank: int, only_blocks: bool = True) -> float:
     """fp32 LoRA weights, gradients and two AdamW moments: 16 bytes per LoRA weight (an upper estimate:
     every Linear of the blocks, each side sqrt(n) wide as a square layer of its size would be)."""
-    total = sum(v for u, v in size.unit_linear.items() if not only_blocks or u in size.blocks)
+    total = sum(v for u, v in size.unit_linear.items() if not (only_blocks and size.blocks) or u in size.blocks)
     layers_width = math.sqrt(max(total, 1) / max(len(size.blocks), 1) / 8)  # ~8 Linears per block
     return 16.0 * rank * 2 * layers_width * 8 * max(len(size.blocks), 1)
 
@@ -128,6 +149,19 @@ def frozen_base(proc, arch_cls, device: torch.device, dtype: torch.dtype, fuse=N
                              f"{torch.cuda.get_device_name(device)} has none: remove the key")
     return FrozenBase(device=device, dtype=dtype, quantizer=Quantizer(storage, exclude), te_quantizer=Quantizer(te_storage),
                       fuse=fuse, quantize_on_cpu=m.low_vram or device.type == "cpu", float8_matmul=m.float8_matmul)
+
+
+def enable_checkpointing(model: torch.nn.Module, whole=()) -> None:
+    """diffusers' gradient checkpointing of every block, but for the blocks in `whole`: those keep their
+    activations (more memory, no recompute), as many as the memory plan finds room for."""
+    whole = {id(b) for b in whole}
+
+    def run(block, *args):
+        if id(block) in whole:
+            return block(*args)
+        return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+
+    model.enable_gradient_checkpointing(run)
 
 
 def swap_request(proc, n_blocks: int) -> int:
