@@ -22,7 +22,6 @@ flux)
   ours 110 flux --qtype float8 --keep 12 --cap 24
   ;;
 fp8)
-  timeout 200 python3 bench/fp8_linear.py 2>&1 | grep -v Warn | tail -6
   timeout 200 python3 bench/lora_step.py flux --qtype float8 --fp8mm --cap 24 --profile 2>&1 | tail -40
   ;;
 probe)
