@@ -18,8 +18,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="trainer", description="Train a diffusion-model LoRA from an ai-toolkit style config.")
     parser.add_argument("config", nargs="+", help="config file, or a name looked up in ./config/ (.yaml/.yml/.json)")
     parser.add_argument("-n", "--name", help="replaces config.name and every [name] in the config")
+    parser.add_argument("--gpus", type=int, default=1,
+                        help="train on this many GPUs of this machine (starts torchrun with one process per GPU)")
     parser.add_argument("--version", action="version", version=f"eridiffusion {__version__}")
     args = parser.parse_args(argv)
+    if args.gpus > 1 and "WORLD_SIZE" not in os.environ:
+        return launch(args.gpus, [a for a in argv if a != f"--gpus={args.gpus}"])
     # warnings (skipped images, truncated captions, ...) reach the terminal
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
@@ -32,6 +36,28 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("ERI_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        from .train.distributed import stop
+
+        stop()
+    return 0
+
+
+def launch(n: int, argv: list[str]) -> int:
+    """`trainer --gpus N CONFIG`: torchrun on this machine, one process per GPU, each running `trainer CONFIG`."""
+    from torch.distributed import run as torchrun
+
+    rest, skip = [], False
+    for a in argv:  # the same command line without --gpus N
+        if skip or a == "--gpus":
+            skip = not skip
+            continue
+        rest.append(a)
+    try:
+        torchrun.main(["--standalone", f"--nproc-per-node={n}", "-m", "eridiffusion.cli", *rest])
+    except Exception as e:  # torchrun has printed which process failed and why
+        print(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
         return 1
     return 0
 
@@ -137,10 +163,12 @@ def run_job(arg: str, name: str | None) -> None:
     job = load_config(arg, name_override=name)
     for proc in job.config.process:
         run = Run(proc, job.meta)
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        (run.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved_dict(job), sort_keys=False))
+        if run.processes.main:
+            run.run_dir.mkdir(parents=True, exist_ok=True)
+            (run.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved_dict(job), sort_keys=False))
         out = run.train()
-        print(f"{proc.name}: finished at step {run.step}; LoRA: {out}")
+        if run.processes.main:
+            print(f"{proc.name}: finished at step {run.step}; LoRA: {out}")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,20 @@ class _Store:
             self._memory[path] = tensors
         return tensors
 
+    def memory(self) -> dict[Path, Tensors]:
+        return self._memory
+
+    def absorb(self, entries: dict[Path, Tensors]) -> None:
+        """Entries other processes made (an in-memory cache filled in shares)."""
+        self._memory.update(entries)
+
+
+def share(todo: dict, rank: int, world: int) -> dict:
+    """This process's part of the work, when several fill one cache: every world-th entry in path order, so
+    no two processes write one file."""
+    keys = sorted(todo, key=str)[rank::world]
+    return {k: todo[k] for k in keys}
+
 
 class LatentCache:
     """Latents per item: `<image dir>/_latent_cache/<stem>_<key>.safetensors` (or memory), where the key
@@ -70,9 +84,9 @@ class LatentCache:
 
     @torch.no_grad()
     def prepare(self, items: Iterable[Item], device: torch.device | str, dtype: torch.dtype,
-                progress: bool = True) -> int:
-        """Encode every item not cached yet; returns how many were encoded."""
-        todo = {path: item for item in items if not self._store.has(path := self.path(item))}
+                progress: bool = True, rank: int = 0, world: int = 1) -> int:
+        """Encode every item not cached yet (this process's share of them); returns how many were encoded."""
+        todo = share({path: item for item in items if not self._store.has(path := self.path(item))}, rank, world)
         for path, item in tqdm(todo.items(), desc="caching latents", disable=not progress):
             pixels, crop = item.pixels(random.Random(path.name))
             latent = self.encode(pixels[None].to(device, dtype))[0]
@@ -102,14 +116,16 @@ class TextCache:
             stored = self._store.put(path, embeds)
         return stored
 
-    def prepare(self, items: Iterable[Item], progress: bool = True) -> int:
-        """Encode every caption (and dropout caption) not cached yet; returns how many captions were encoded."""
+    def prepare(self, items: Iterable[Item], progress: bool = True, rank: int = 0, world: int = 1) -> int:
+        """Encode every caption (and dropout caption) not cached yet (this process's share of them); returns how
+        many captions were encoded."""
         todo = defaultdict(set)
         for item in items:
             for dropped in (False, True) if item.caption_dropout_rate > 0 else (False,):
                 caption, path = self._entry(item, dropped)
                 if not self._store.has(path):
                     todo[caption].add(path)
+        todo = share(todo, rank, world)
         for caption, paths in tqdm(todo.items(), desc="caching text embeddings", disable=not progress):
             self._encode_into(caption, paths)
         return len(todo)

@@ -163,6 +163,9 @@ class Batch:
     target_sizes: list[tuple[int, int]]  # (h, w)
     paths: list[Path]
     loss_weights: torch.Tensor  # [B]
+    # seeds the step's noise and timesteps: a function of which batch this is, so one process accumulating two
+    # batches and two processes taking one each draw the same (None: the generator runs on)
+    noise_seed: int | None = None
 
 
 def load_batch(items: Sequence[Item], *, rng: random.Random, latent_cache: LatentCache | None = None,
@@ -188,6 +191,15 @@ def load_batch(items: Sequence[Item], *, rng: random.Random, latent_cache: Laten
                  loss_weights=torch.tensor([item.loss_multiplier for item in items], dtype=torch.float32))
 
 
+# gathers every process's in-memory cache entries into one dict (returning once all processes have called it)
+Exchange = Callable[[dict], dict]
+
+
+def _exchange(store, exchange: Exchange | None) -> None:
+    if exchange is not None:
+        store.absorb(exchange(store.memory()))
+
+
 class DataPipeline:
     """What the training loop sees: items, bucketed batches, optional caches, resumable state.
     Per-batch randomness (captions, random crops) is seeded from (seed, epoch, position), so resuming
@@ -202,24 +214,29 @@ class DataPipeline:
         self.latent_cache = self.text_cache = None
 
     def attach_latent_cache(self, encode: Callable[[torch.Tensor], torch.Tensor], fingerprint: str, *,
-                            device: torch.device | str, dtype: torch.dtype, progress: bool = True
-                            ) -> LatentCache | None:
+                            device: torch.device | str, dtype: torch.dtype, progress: bool = True,
+                            rank: int = 0, world: int = 1, exchange: Exchange | None = None) -> LatentCache | None:
         """Encode every item once if any dataset asks for latent caching (all items are cached then, since
-        batches mix datasets); to disk if any dataset asks for that. Returns the cache, or None."""
+        batches mix datasets); to disk if any dataset asks for that. Returns the cache, or None. With several
+        processes each encodes its share, then `exchange` waits for all and hands on what is held in memory."""
         if not any(c.cache_latents or c.cache_latents_to_disk for c in self.dataset_cfgs):
             return None
         self.latent_cache = LatentCache(encode, fingerprint, to_disk=any(c.cache_latents_to_disk
                                                                          for c in self.dataset_cfgs))
-        self.latent_cache.prepare(self.items, device, dtype, progress=progress)
+        self.latent_cache.prepare(self.items, device, dtype, progress=progress, rank=rank, world=world)
+        _exchange(self.latent_cache._store, exchange)
         return self.latent_cache
 
     def attach_text_cache(self, encode: Callable[[list[str]], dict[str, torch.Tensor]], fingerprint: str, *,
-                          progress: bool = True) -> TextCache | None:
-        """Encode every caption once if any dataset sets cache_text_embeddings. Returns the cache, or None."""
+                          progress: bool = True, rank: int = 0, world: int = 1,
+                          exchange: Exchange | None = None) -> TextCache | None:
+        """Encode every caption once if any dataset sets cache_text_embeddings (shared out as latents are).
+        Returns the cache, or None."""
         if not any(c.cache_text_embeddings for c in self.dataset_cfgs):
             return None
         self.text_cache = TextCache(encode, fingerprint)
-        self.text_cache.prepare(self.items, progress=progress)
+        self.text_cache.prepare(self.items, progress=progress, rank=rank, world=world)
+        _exchange(self.text_cache._store, exchange)
         return self.text_cache
 
     def __len__(self) -> int:
@@ -229,10 +246,18 @@ class DataPipeline:
     def epoch(self) -> int:
         return self.batches.epoch
 
-    def next_batch(self) -> Batch:
-        items = self.batches.next_batch()
-        rng = random.Random(f"{self.seed}/{self.batches.epoch}/{self.batches.position}/sample")
-        return load_batch(items, rng=rng, latent_cache=self.latent_cache, text_cache=self.text_cache)
+    def next_batch(self, rank: int = 0, world: int = 1) -> Batch:
+        """The next batch of this process: of the next `world` batches of the epoch plan (in order, into the next
+        epoch at its end), the rank-th; every process keeps the same (epoch, position), so the state resumes on
+        any number of processes."""
+        for r in range(world):
+            drawn = self.batches.next_batch()
+            if r == rank:
+                items, where = drawn, f"{self.seed}/{self.batches.epoch}/{self.batches.position}"
+        batch = load_batch(items, rng=random.Random(f"{where}/sample"), latent_cache=self.latent_cache,
+                           text_cache=self.text_cache)
+        batch.noise_seed = random.Random(f"{where}/noise").getrandbits(63)
+        return batch
 
     def state_dict(self) -> dict[str, int]:
         return self.batches.state_dict()

@@ -5,6 +5,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import signal
 import sys
@@ -25,6 +26,8 @@ from ..sample import Previewer
 from . import checkpoint as ckpt
 from . import save_checks
 from .compile import compile_denoiser, want_compile
+from . import distributed
+from .distributed import Processes, data_parallel, no_sync
 from .dtypes import DTYPES, SAVE_DTYPES
 from .memory import ModelSize, enable_checkpointing, estimate, frozen_base, lora_state_bytes, make_plan, swap_request, usable_gpu_memory
 from .optim import PerParameterOptimizer, build_optimizer, build_scheduler
@@ -89,9 +92,12 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 class Stepper:
     """One optimizer step over one or more (accumulated) batches; shared by the run and the benchmarks."""
 
-    def __init__(self, arch, params, optimizer, scheduler, *, dtype, max_grad_norm, generator, ema=None):
+    def __init__(self, arch, params, optimizer, scheduler, *, dtype, max_grad_norm, generator, ema=None, ddp=None,
+                 processes: Processes = Processes()):
         self.arch, self.params, self.optimizer, self.scheduler = arch, params, optimizer, scheduler
         self.dtype, self.max_grad_norm, self.generator, self.ema = dtype, max_grad_norm, generator, ema
+        self.loss = ddp or arch.training_loss  # several processes: DDP's forward, which averages the gradients
+        self.ddp, self.processes = ddp, processes
         self.device_type = generator.device.type
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=dtype == torch.float16)
         # fused Adam/AdamW skip a non-finite step on the device; a per-parameter optimizer (fused backward) has
@@ -114,14 +120,18 @@ class Stepper:
     def step(self, batches) -> torch.Tensor:
         """One optimizer step; returns the summed loss as a device tensor (read back only when logged)."""
         total = None
-        for batch in batches:
-            latents = batch.latents if batch.latents is not None else self.arch.encode_images(batch.pixels)
-            with self.autocast():  # text encoders may carry trained LoRA layers too
-                text = batch.text if batch.text is not None else self.arch.encode_prompts(batch.captions)
-                per_sample = self.arch.training_loss(latents, text, batch, self.generator)
-            loss = (per_sample * batch.loss_weights.to(per_sample.device)).mean() / len(batches)
-            self.scaler.scale(loss).backward()
+        for i, batch in enumerate(batches):
+            if batch.noise_seed is not None:
+                self.generator.manual_seed(batch.noise_seed)
+            with no_sync(self.ddp, last=i == len(batches) - 1):
+                latents = batch.latents if batch.latents is not None else self.arch.encode_images(batch.pixels)
+                with self.autocast():  # text encoders may carry trained LoRA layers too
+                    text = batch.text if batch.text is not None else self.arch.encode_prompts(batch.captions)
+                    per_sample = self.loss(latents, text, batch, self.generator)
+                loss = (per_sample * batch.loss_weights.to(per_sample.device)).mean() / len(batches)
+                self.scaler.scale(loss).backward()
             total = loss.detach().float() if total is None else total + loss.detach().float()
+        total = self.processes.mean(total)  # every process skips a NaN step together: the gradients are shared
         if isinstance(self.optimizer, PerParameterOptimizer):
             pass  # stepped inside backward
         elif self.skips_on_device:
@@ -223,7 +233,10 @@ class Run:
         if tc.attention_backend.endswith("_hub"):
             raise ValueError(f"train.attention_backend '{tc.attention_backend}' downloads kernels; use a local one")
         self.run_dir = run_folder(proc)
-        self.device = resolve_device(proc.device)
+        self.processes, self.device = distributed.start(resolve_device(proc.device))
+        if self.processes.world > 1 and tc.fused_backward:
+            raise ValueError("train.fused_backward steps each weight as its gradient completes, before the processes "
+                             "have averaged it: it cannot run on several processes; remove it")
         self.dtype = DTYPES[tc.dtype]
         state_path = ckpt.latest_state(self.run_dir)
         self.resume_state = ckpt.load_state(state_path) if state_path else None
@@ -232,6 +245,7 @@ class Run:
             self.seed = self.resume_state["seed"]
         else:
             self.seed = proc.training_seed if proc.training_seed is not None else random.SystemRandom().randrange(2**31)
+            self.seed = self.processes.broadcast(self.seed)  # one data order and noise for the whole run
         random.seed(self.seed), np.random.seed(self.seed % 2**32), torch.manual_seed(self.seed)
         self.generator = torch.Generator(self.device).manual_seed(self.seed)
 
@@ -311,9 +325,13 @@ class Run:
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(self.params, decay=tc.ema_config.ema_decay, foreach=True)
+        ddp = None
+        if self.processes.world > 1:
+            trained = {name: t.module for name, t in self.components.items()} or {"denoiser": self.arch.denoiser}
+            ddp = data_parallel(self.arch, trained, self.device)
         self.stepper = Stepper(self.arch, self.params, self.optimizer, self.scheduler, dtype=self.dtype,
                                max_grad_norm=0 if tc.fused_backward else tc.max_grad_norm, generator=self.generator,
-                               ema=self.ema)
+                               ema=self.ema, ddp=ddp, processes=self.processes)
         self.step = tc.start_step or 0
         for _ in range(self.step):  # a forced start step starts the LR schedule there too
             self.scheduler.step()
@@ -428,34 +446,46 @@ class Run:
             module.train(on)
 
     def _prepare_caches(self) -> None:
-        """Latents and text embeddings cached when the datasets ask for it (the data side decides)."""
+        """Latents and text embeddings cached when the datasets ask for it (the data side decides); with several
+        processes each encodes a share and all wait for the rest."""
+        p = self.processes
+        share = dict(rank=p.rank, world=p.world, exchange=p.exchange if p.world > 1 else None, progress=p.main)
         self.data.attach_latent_cache(self.arch.encode_images, self.arch.latent_fingerprint,
-                                      device=self.device, dtype=self.dtype)
-        self.data.attach_text_cache(self.arch.encode_prompts, self.arch.text_fingerprint)
+                                      device=self.device, dtype=self.dtype, **share)
+        self.data.attach_text_cache(self.arch.encode_prompts, self.arch.text_fingerprint, **share)
 
     # ---- the loop ------------------------------------------------------------------------------
     def train(self) -> Path:
         tc, save_cfg, sample_cfg = self.proc.train, self.proc.save, self.proc.sample
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_partial_files(self.run_dir)
-        if self.memory_plan is not None:
-            (self.run_dir / "memory_plan.json").write_text(self.memory_plan.to_json())
+        main, processes = self.processes.main, self.processes
+        if main:  # one process writes the run folder
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_partial_files(self.run_dir)
+            if self.memory_plan is not None:
+                (self.run_dir / "memory_plan.json").write_text(self.memory_plan.to_json())
         resumed = self.resume()
         log_path = self.run_dir / "log.jsonl"
-        if log_path.exists():  # keep the lines of steps up to the checkpoint: later ones are done again
+        if main and log_path.exists():  # keep the lines of steps up to the checkpoint: later ones are done again
             log_path.write_text("".join(line + "\n" for line in log_path.read_text().splitlines()
                                         if logged_step(line) <= self.step))
-        self.losses = LossLog(open(log_path, "a"), self.stepper)
-        if self.previewer and (tc.force_first_sample or (not resumed and not tc.skip_first_sample)):
+        self.losses = LossLog(open(log_path if main else os.devnull, "a"), self.stepper)
+        if self.previewer and main and (tc.force_first_sample or (not resumed and not tc.skip_first_sample)):
             self.sample()
-        bar = tqdm(total=tc.steps, initial=self.step, desc=self.proc.name, dynamic_ncols=True)
+        bar = tqdm(total=tc.steps, initial=self.step, desc=self.proc.name, dynamic_ncols=True, disable=not main)
         # losses stay on the device and are read back together: on CUDA every 10 steps (or when logged)
         read_every = min(10, self.proc.logging.log_every) if self.device.type == "cuda" else 1
+
+        def stopping(stop) -> bool:  # all processes stop at the same step; asked when losses are read anyway
+            if processes.world == 1:
+                return stop.is_set()
+            return self.step % read_every == 0 and processes.any(stop.is_set())
+
         with self.clean_stop() as stop:
-            while self.step < tc.steps and not stop.is_set():
+            while self.step < tc.steps and not stopping(stop):
                 lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
                 try:
-                    loss = self.stepper.step([self.data.next_batch() for _ in range(tc.gradient_accumulation)])
+                    loss = self.stepper.step([self.data.next_batch(processes.rank, processes.world)
+                                              for _ in range(tc.gradient_accumulation)])
                 except (torch.OutOfMemoryError, RuntimeError) as e:
                     if not is_out_of_memory(e):
                         raise
@@ -464,7 +494,7 @@ class Run:
                 self.losses.add(self.step, loss, lr)
                 last = self.step == tc.steps
                 saving = last or self.step % save_cfg.save_every == 0
-                sampling = self.previewer and (last or (self.step % sample_cfg.sample_every == 0
+                sampling = self.previewer and main and (last or (self.step % sample_cfg.sample_every == 0
                                                         and self.step >= sample_cfg.sample_start_step))
                 if saving or sampling or self.step % read_every == 0 or self.step % self.proc.logging.log_every == 0:
                     self.losses.flush()
@@ -485,7 +515,7 @@ class Run:
                     self.save(final=last)
                 if sampling:
                     self.sample()
-            if stop.is_set() and self.step < tc.steps:
+            if stopping(stop) and self.step < tc.steps:
                 self.save(final=False)
                 bar.close()
                 print(f"\nStopped at step {self.step}; the checkpoint is saved. Run the same config again to resume.",
@@ -607,6 +637,8 @@ class Run:
                 **({"lokr_factor": net.lokr_factor} if net.type == "lokr" else {})}
 
     def save(self, final: bool) -> None:
+        if not self.processes.main:  # every process holds the same weights and state: one writes them
+            return
         try:
             self._save(final)
         except OSError as e:  # full disk, permissions: the previous complete checkpoint is untouched
