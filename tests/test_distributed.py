@@ -84,3 +84,31 @@ def test_two_process_checkpoint_resumes_in_one_process(tiny_flux, dataset, tmp_p
     assert cli.main([str(write_config(one_step_config(tiny_flux, dataset, tmp_path / "moved", 6, 1), "c.yaml"))]) == 0
     assert_same_weights(lora(tmp_path / "straight"), lora(tmp_path / "moved"))
     assert [r["step"] for r in read_log(tmp_path / "moved" / "test_lora")] == list(range(1, 7))
+
+
+def sharded_config(tiny_flux, dataset, out, steps, processes):
+    """A full fine-tune (no network section), AdamW, batch 1 per process."""
+    cfg = one_step_config(tiny_flux, dataset, out, steps, processes)
+    cfg["config"]["process"][0]["model"]["only_if_contains"] = ["transformer.transformer_blocks.", "transformer.single_transformer_blocks."]
+    cfg["config"]["process"][0]["train"]["lr"] = 3e-4
+    del cfg["config"]["process"][0]["network"]
+    return cfg
+
+
+def test_sharded_full_fine_tune_saves_a_normal_file_and_matches_one_process(tiny_flux, dataset, tmp_path, write_config):
+    """FSDP2 over 2 processes: the saved file is the whole model in its single-file layout (not shards), with the
+    weights one process accumulating both batches gets; its checkpoint resumes on 2 processes."""
+    from eridiffusion.archs.flux_formats import load_flux_single_file
+
+    assert cli.main([str(write_config(sharded_config(tiny_flux, dataset, tmp_path / "one", 6, 1), "one.yaml"))]) == 0
+    torchrun(write_config(sharded_config(tiny_flux, dataset, tmp_path / "two", 3, 2), "two3.yaml"))
+    torchrun(write_config(sharded_config(tiny_flux, dataset, tmp_path / "two", 6, 2), "two6.yaml"))  # resumed at 3
+    one, two = lora(tmp_path / "one"), lora(tmp_path / "two")
+    assert_same_weights(one, two)
+    # a whole model: it loads as FLUX.1 in BFL layout, every weight full-size, the blocks trained
+    from diffusers import FluxTransformer2DModel
+
+    base = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer", local_files_only=True).state_dict()
+    trained = load_flux_single_file(tmp_path / "two" / "test_lora" / "test_lora.safetensors", torch.float32).state_dict()
+    assert trained.keys() == base.keys() and all(trained[k].shape == base[k].shape for k in base)
+    assert any(not torch.equal(trained[k], base[k]) for k in base if k.startswith("transformer_blocks."))

@@ -205,11 +205,12 @@ class Flux:
     # ---- full fine-tune ----------------------------------------------------------------------------
     full_component = "transformer"
 
-    def full_to_file(self) -> dict[str, torch.Tensor]:
-        """The transformer in BFL's single-file layout (ComfyUI's models/diffusion_models/flux1-dev.safetensors)."""
+    def full_to_file(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The transformer (or its gathered `state`) in BFL's single-file layout (ComfyUI's
+        models/diffusion_models/flux1-dev.safetensors)."""
         from .flux_formats import diffusers_to_bfl
 
-        return diffusers_to_bfl(self.transformer.state_dict())
+        return diffusers_to_bfl(state or self.transformer.state_dict())
 
     def save_full_diffusers(self, folder: Path, dtype) -> None:
         write_diffusers_folder(getattr(self, "components_root", None), folder, {"transformer": self.transformer})

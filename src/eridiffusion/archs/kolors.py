@@ -15,10 +15,10 @@ class Kolors(SDXL):
     te_keys, te_linears = ("te",), ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
     lora_layouts = ()  # SDXL's converters assume CLIP text encoders and SDXL's UNet config
 
-    def full_to_file(self):
-        """The UNet as Kolors ships it (diffusers' unet/diffusion_pytorch_model.safetensors): Kolors has no SGM
-        checkpoint layout (its encoder_hid_proj and ChatGLM have no SGM names) and ComfyUI core has no Kolors."""
-        return dict(self.unet.state_dict())
+    def full_to_file(self, state=None):
+        """The UNet (or its gathered `state`) as Kolors ships it (diffusers' unet/diffusion_pytorch_model.safetensors):
+        Kolors has no SGM checkpoint layout (its encoder_hid_proj and ChatGLM have no SGM names)."""
+        return dict(state or self.unet.state_dict())
 
     def lora_components(self, transformer_only: bool, train_text_encoder: bool):
         if train_text_encoder:  # diffusers' kohya reader only knows CLIP layer names; ComfyUI has no Kolors

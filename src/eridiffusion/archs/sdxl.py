@@ -223,12 +223,12 @@ class SDXL:
     # ---- full fine-tune ----------------------------------------------------------------------------
     full_component = "unet"
 
-    def full_to_file(self) -> dict[str, torch.Tensor]:
-        """An all-in-one checkpoint in SGM layout (ComfyUI's checkpoints/): the UNet with the VAE and the text
-        encoders that are still loaded (they are freed after caching text embeddings: then UNet and VAE)."""
+    def full_to_file(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """An all-in-one checkpoint in SGM layout (ComfyUI's checkpoints/): the UNet (or its gathered `state`) with
+        the VAE and the text encoders that are still loaded (they are freed after caching text embeddings)."""
         from .sdxl_formats import diffusers_to_sgm
 
-        parts = {"unet": self.unet.state_dict()}
+        parts = {"unet": state or self.unet.state_dict()}
         if self.vae is not None:
             parts["vae"] = self.vae.state_dict()
         parts.update({k: te.state_dict() for k, te in zip(("text_encoder", "text_encoder_2"), self.text_encoders)})

@@ -112,6 +112,48 @@ def data_parallel(arch, modules: dict[str, torch.nn.Module], device: torch.devic
     return DDP(wrapper, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
 
-def no_sync(ddp, last: bool):
-    """Gradient accumulation: gradients are averaged across processes on the last batch only."""
-    return contextlib.nullcontext() if ddp is None or last else ddp.no_sync()
+def shard(model: torch.nn.Module, blocks: list[torch.nn.Module], device: torch.device) -> None:
+    """A full fine-tune on several processes: the engine's FSDP2 shards parameters, gradients and optimizer
+    state over the processes, each repeated block gathered only while it runs (the root holds the rest)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def full_state(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
+    """The sharded model's and optimizer's whole state, gathered onto process 0's CPU (every process must call
+    this; the others get empty dicts). Parameter names as in an unsharded model, so any process count resumes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict) -> None:
+    """An optimizer state saved by full_state, into a sharded or unsharded model's optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+
+
+def no_sync(synced, last: bool):
+    """Gradient accumulation: gradients are averaged across processes on the last batch only (`synced`: the
+    DDP wrapper or the FSDP-sharded model)."""
+    if synced is None or last:
+        return contextlib.nullcontext()
+    if hasattr(synced, "no_sync"):
+        return synced.no_sync()
+    return _fsdp_no_sync(synced)
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)

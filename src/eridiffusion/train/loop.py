@@ -93,11 +93,11 @@ class Stepper:
     """One optimizer step over one or more (accumulated) batches; shared by the run and the benchmarks."""
 
     def __init__(self, arch, params, optimizer, scheduler, *, dtype, max_grad_norm, generator, ema=None, ddp=None,
-                 processes: Processes = Processes()):
+                 sharded=None, processes: Processes = Processes()):
         self.arch, self.params, self.optimizer, self.scheduler = arch, params, optimizer, scheduler
         self.dtype, self.max_grad_norm, self.generator, self.ema = dtype, max_grad_norm, generator, ema
         self.loss = ddp or arch.training_loss  # several processes: DDP's forward, which averages the gradients
-        self.ddp, self.processes = ddp, processes
+        self.synced, self.processes = ddp or sharded, processes  # what accumulation keeps from syncing
         self.device_type = generator.device.type
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=dtype == torch.float16)
         # fused Adam/AdamW skip a non-finite step on the device; a per-parameter optimizer (fused backward) has
@@ -123,7 +123,7 @@ class Stepper:
         for i, batch in enumerate(batches):
             if batch.noise_seed is not None:
                 self.generator.manual_seed(batch.noise_seed)
-            with no_sync(self.ddp, last=i == len(batches) - 1):
+            with no_sync(self.synced, last=i == len(batches) - 1):
                 latents = batch.latents if batch.latents is not None else self.arch.encode_images(batch.pixels)
                 with self.autocast():  # text encoders may carry trained LoRA layers too
                     text = batch.text if batch.text is not None else self.arch.encode_prompts(batch.captions)
@@ -286,9 +286,19 @@ class Run:
 
         if tc.attention_backend != "native":
             self.arch.denoiser.set_attention_backend(tc.attention_backend)
+        self.sharded = None
         if self.full:
             self.components = {}
             self.params, groups = self._full_params()
+            if self.processes.world > 1:
+                if tc.ema_config.use_ema or proc.save.save_format == "diffusers":
+                    raise ValueError("a full fine-tune on several processes (sharded) does not support "
+                                     "train.ema_config.use_ema or save.save_format: diffusers yet; remove them")
+                blocks = [b for name in self.arch.block_lists for b in getattr(self.arch.denoiser, name)]
+                distributed.shard(self.arch.denoiser, blocks, self.device)
+                self.sharded = self.arch.denoiser
+                self.params = [p for p in self.arch.denoiser.parameters() if p.requires_grad]  # now shards
+                groups = [{"params": self.params, "lr": tc.unet_lr}]
         else:
             self.components = self.arch.lora_components(net.transformer_only, tc.train_text_encoder)
             if proc.save.diffusers_lora and not hasattr(self.arch, "save_diffusers_lora"):
@@ -326,12 +336,12 @@ class Run:
 
             self.ema = EMAModel(self.params, decay=tc.ema_config.ema_decay, foreach=True)
         ddp = None
-        if self.processes.world > 1:
+        if self.processes.world > 1 and not self.full:
             trained = {name: t.module for name, t in self.components.items()} or {"denoiser": self.arch.denoiser}
             ddp = data_parallel(self.arch, trained, self.device)
         self.stepper = Stepper(self.arch, self.params, self.optimizer, self.scheduler, dtype=self.dtype,
                                max_grad_norm=0 if tc.fused_backward else tc.max_grad_norm, generator=self.generator,
-                               ema=self.ema, ddp=ddp, processes=self.processes)
+                               ema=self.ema, ddp=ddp, sharded=self.sharded, processes=self.processes)
         self.step = tc.start_step or 0
         for _ in range(self.step):  # a forced start step starts the LR schedule there too
             self.scheduler.step()
@@ -637,22 +647,24 @@ class Run:
                 **({"lokr_factor": net.lokr_factor} if net.type == "lokr" else {})}
 
     def save(self, final: bool) -> None:
-        if not self.processes.main:  # every process holds the same weights and state: one writes them
+        # sharded weights first come together on process 0; otherwise every process holds the same weights
+        gathered = distributed.full_state(self.sharded, self.optimizer) if self.sharded is not None else None
+        if not self.processes.main:  # one process writes
             return
         try:
-            self._save(final)
+            self._save(final, gathered)
         except OSError as e:  # full disk, permissions: the previous complete checkpoint is untouched
             last = ckpt.latest_state(self.run_dir)
             raise OSError(f"could not save step {self.step} in {self.run_dir}: {e}. The last complete checkpoint is "
                           f"{last or 'none'}; free space or fix the folder, then run the same config again to resume") from e
 
-    def _save(self, final: bool) -> None:
+    def _save(self, final: bool, gathered=None) -> None:
         if getattr(self, "losses", None) is not None:
             self.losses.flush()  # the log holds every step up to the checkpoint
         name = self.proc.name
         path = self.run_dir / f"{name}.safetensors" if final else ckpt.step_file(self.run_dir, name, self.step)
         if self.full:
-            self._save_full(path, final)
+            self._save_full(path, final, gathered)
             return
         with self.ema_weights():
             tensors = self.lora_file_tensors()
@@ -679,12 +691,14 @@ class Run:
         })
         ckpt.prune(self.run_dir, name, self.proc.save.max_step_saves_to_keep)
 
-    def _save_full(self, path: Path, final: bool) -> None:
+    def _save_full(self, path: Path, final: bool, gathered=None) -> None:
         """Full fine-tune: the model as one file in its original single-file layout (ComfyUI's diffusion_models/ or
-        checkpoints/), and with save.save_format: diffusers also a diffusers folder at the end; then the state."""
+        checkpoints/), and with save.save_format: diffusers also a diffusers folder at the end; then the state.
+        `gathered`: a sharded model's (weights, optimizer state), whole."""
         dtype = SAVE_DTYPES[self.proc.save.dtype]
+        weights, optimizer = gathered or (None, None)
         with self.ema_weights():
-            tensors = {k: v.to(dtype) for k, v in self.arch.full_to_file().items()}
+            tensors = {k: v.to(dtype) for k, v in self.arch.full_to_file(weights).items()}
             save_checks.require_finite(tensors, self.step)
             ckpt.save_safetensors(path, tensors, {"format": "pt", "eri_arch": self.proc.model.arch_name,
                                                   "training_info": json.dumps({"step": self.step, "epoch": self.data.epoch}),
@@ -696,8 +710,11 @@ class Run:
                 self.arch.save_full_diffusers(self.run_dir / self.proc.name, dtype)
         ckpt.save_state(self.run_dir, self.step, {
             "identity": self.identity(), "step": self.step, "seed": self.seed,
-            "weights": {n: p.detach().cpu() for n, p in self.arch.denoiser.named_parameters() if p.requires_grad},
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "weights": {n: (weights[n] if weights else p.detach()).cpu() for n, p in self.arch.denoiser.named_parameters()
+                        if p.requires_grad},
+            # a sharded run's optimizer state by parameter name (resumable on any process count)
+            "optimizer": optimizer or self.optimizer.state_dict(), "optimizer_by_name": optimizer is not None,
+            "scheduler": self.scheduler.state_dict(),
             "scaler": self.stepper.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
             "rng": rng_state(self.generator), "data": self.data.state_dict(), "nan_steps": self.stepper.nan_steps,
         })
@@ -710,14 +727,24 @@ class Run:
         if state["identity"] != self.identity():
             raise RuntimeError(f"{path} was written by a run with {state['identity']}, but this config gives "
                                f"{self.identity()}: use another config.name or training_folder, or delete {self.run_dir}")
-        if self.full:
+        if self.sharded is not None:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.sharded, state["weights"], options=StateDictOptions(full_state_dict=True, strict=False))
+        elif self.full:
             params = dict(self.arch.denoiser.named_parameters())
             with torch.no_grad():
                 for n, w in state["weights"].items():
                     params[n].copy_(w)
         for name, t in self.components.items():
             load_lora_state(t.module, state["lora"][name])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("optimizer_by_name"):
+            distributed.load_optimizer_state(self.arch.denoiser, self.optimizer, state["optimizer"])
+        elif self.sharded is not None:
+            raise RuntimeError(f"{path} was saved by one process; a sharded full fine-tune resumes only from a "
+                               "sharded run's checkpoint yet: resume it on one process")
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.stepper.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state["ema"] is not None:
