@@ -112,3 +112,10 @@ def test_sharded_full_fine_tune_saves_a_normal_file_and_matches_one_process(tiny
     trained = load_flux_single_file(tmp_path / "two" / "test_lora" / "test_lora.safetensors", torch.float32).state_dict()
     assert trained.keys() == base.keys() and all(trained[k].shape == base[k].shape for k in base)
     assert any(not torch.equal(trained[k], base[k]) for k in base if k.startswith("transformer_blocks."))
+
+
+def test_one_process_full_fine_tune_resumes_sharded(tiny_flux, dataset, tmp_path, write_config):
+    assert cli.main([str(write_config(sharded_config(tiny_flux, dataset, tmp_path / "one", 6, 1), "one.yaml"))]) == 0
+    assert cli.main([str(write_config(sharded_config(tiny_flux, dataset, tmp_path / "moved", 3, 1), "a.yaml"))]) == 0
+    torchrun(write_config(sharded_config(tiny_flux, dataset, tmp_path / "moved", 6, 2), "b.yaml"))
+    assert_same_weights(lora(tmp_path / "one"), lora(tmp_path / "moved"))

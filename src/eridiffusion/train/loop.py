@@ -648,7 +648,9 @@ class Run:
 
     def save(self, final: bool) -> None:
         # sharded weights first come together on process 0; otherwise every process holds the same weights
-        gathered = distributed.full_state(self.sharded, self.optimizer) if self.sharded is not None else None
+        # (a full fine-tune's state by parameter name also when unsharded: it resumes on any process count)
+        by_name = self.full and not isinstance(self.optimizer, PerParameterOptimizer)
+        gathered = distributed.full_state(self.arch.denoiser, self.optimizer) if by_name else None
         if not self.processes.main:  # one process writes
             return
         try:
@@ -740,9 +742,6 @@ class Run:
             load_lora_state(t.module, state["lora"][name])
         if state.get("optimizer_by_name"):
             distributed.load_optimizer_state(self.arch.denoiser, self.optimizer, state["optimizer"])
-        elif self.sharded is not None:
-            raise RuntimeError(f"{path} was saved by one process; a sharded full fine-tune resumes only from a "
-                               "sharded run's checkpoint yet: resume it on one process")
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
