@@ -297,11 +297,19 @@ class Run:
         if want_compile(proc.model.compile, self.device):
             compile_denoiser(self.arch.denoiser)
         self.train_mode(True)
+        # optimizer_state_device: cpu moves the state off the GPU; a CPU run keeps it in host memory anyway
+        self.state_on_host = tc.optimizer_state_device == "cpu" and self.device.type == "cuda"
         if tc.fused_backward:
             if tc.gradient_accumulation > 1 or self.dtype == torch.float16 or len(groups) > 1:
                 raise ValueError("train.fused_backward needs gradient_accumulation: 1, bf16 or fp32, and one learning rate")
-            if tc.max_grad_norm:
+            if tc.max_grad_norm and not self.state_on_host:
                 print("train.fused_backward: gradients are applied as they complete, so max_grad_norm clipping is off")
+        if self.state_on_host:  # it clips the host copies of the gradients, which its CPU step reads, itself
+            from .cpu_state import CPUStateOptimizer
+
+            self.optimizer = CPUStateOptimizer(tc.optimizer, groups, tc.unet_lr, tc.optimizer_params, device=self.device,
+                                               max_grad_norm=tc.max_grad_norm, free_device_grads=tc.fused_backward)
+        elif tc.fused_backward:
             self.optimizer = PerParameterOptimizer(tc.optimizer, self.params, tc.unet_lr, tc.optimizer_params)
         else:
             self.optimizer = build_optimizer(tc.optimizer, groups, tc.unet_lr, tc.optimizer_params)
@@ -312,8 +320,8 @@ class Run:
 
             self.ema = EMAModel(self.params, decay=tc.ema_config.ema_decay, foreach=True)
         self.stepper = Stepper(self.arch, self.params, self.optimizer, self.scheduler, dtype=self.dtype,
-                               max_grad_norm=0 if tc.fused_backward else tc.max_grad_norm, generator=self.generator,
-                               ema=self.ema)
+                               max_grad_norm=0 if tc.fused_backward or self.state_on_host else tc.max_grad_norm,
+                               generator=self.generator, ema=self.ema)
         self.step = tc.start_step or 0
         for _ in range(self.step):  # a forced start step starts the LR schedule there too
             self.scheduler.step()
@@ -392,9 +400,11 @@ class Run:
         budget = usable_gpu_memory(self.device)
         tokens = max(r for ds in proc.datasets for r in ds.resolution) ** 2 // 256 + 512  # latent patches + text
         kw = dict(budget=budget, tokens=tokens, batch=proc.train.batch_size,
-                  # a full fine-tune holds weights, gradients and AdamW moments of every parameter (~12 bytes each)
+                  # a full fine-tune holds weights, gradients and AdamW moments of every parameter (~12 bytes each;
+                  # ~4 with the moments in host memory)
                   lora_bytes=lora_state_bytes(size, proc.network.linear) if proc.network else
-                  12.0 * sum([*size.unit_linear.values(), *size.unit_other.values()]))
+                  (4.0 if proc.train.optimizer_state_device == "cpu" else 12.0) *
+                  sum([*size.unit_linear.values(), *size.unit_other.values()]))
         if auto:  # a full fine-tune trains the weights themselves: neither quantized nor swapped
             plan = make_plan(size, **kw, **({"candidates": ((None, False, False), (None, True, False))} if self.full else {}))
         else:
@@ -599,11 +609,13 @@ class Run:
     def identity(self) -> dict:
         """What must match for a checkpoint to be resumable."""
         net = self.proc.network
+        # the optimizer state's layout: torchao's per-parameter list, or one torch optimizer's
+        host = {"optimizer_state_device": "cpu"} if self.state_on_host else {}
         if self.full:
-            return {"arch": self.proc.model.arch_name, "network": "full", "n_params": len(self.params)}
+            return {"arch": self.proc.model.arch_name, "network": "full", "n_params": len(self.params), **host}
         return {"arch": self.proc.model.arch_name, "network": net.type, "rank": net.linear, "alpha": float(net.linear_alpha),
                 "conv": net.conv, "components": sorted(self.components), "n_params": len(self.params),
-                **({"lokr_factor": net.lokr_factor} if net.type == "lokr" else {})}
+                **({"lokr_factor": net.lokr_factor} if net.type == "lokr" else {}), **host}
 
     def save(self, final: bool) -> None:
         try:
