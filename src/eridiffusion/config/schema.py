@@ -287,8 +287,12 @@ class TrainConfig(Section):
     # memory; "off" (default) does what the config says, as ai-toolkit does
     memory: str = "off"
     # EriDiffusion's: each parameter's optimizer step runs inside backward and frees its gradient at once
-    # (full fine-tunes: no full set of gradients ever exists); needs gradient_accumulation 1, no clipping
+    # (full fine-tunes: no full set of gradients ever exists); needs gradient_accumulation 1, no clipping (with
+    # optimizer_state_device: cpu, each gradient is freed once copied to the host, and clipping stays)
     fused_backward: bool = False
+    # EriDiffusion's: "cpu" keeps the optimizer's state (and its copy of the trained weights) in host memory and
+    # steps there (torchao's CPUOffloadOptimizer); the GPU holds only the weights and gradients. A CPU run is unchanged
+    optimizer_state_device: str = "device"
     attention_backend: str = "native"  # diffusers attention backend, e.g. flash, _flash_3, sage
     limited = {
         "optimizer": ("adamw", "adam", "adamw8bit", "adam8bit", "sgd", "adafactor", "prodigy"),
@@ -297,6 +301,7 @@ class TrainConfig(Section):
         "content_or_style": ("balanced", "content", "style"),
         "loss_type": ("mse",),
         "memory": ("off", "auto"),
+        "optimizer_state_device": ("device", "cpu"),
     }
     unsupported = {
         "linear_timesteps": False, "unload_text_encoder": False, "xformers": False,
@@ -346,6 +351,15 @@ class TrainConfig(Section):
             self.gradient_accumulation = legacy
         if self.min_denoising_steps > self.max_denoising_steps:
             raise ValueError("min_denoising_steps must be <= max_denoising_steps")
+        if self.optimizer_state_device == "cpu":
+            # the CPU steps one optimizer per parameter: bitsandbytes' 8-bit state is CUDA-only, Prodigy estimates
+            # its step size over all parameters together, and fp16 loss scaling would unscale the host copies
+            bad = [f"train.{key}: {value}" for key, value in (("optimizer", self.optimizer), ("dtype", self.dtype))
+                   if value in ("adamw8bit", "adam8bit", "prodigy", "fp16")]
+            if bad:
+                raise ValueError(f"train.optimizer_state_device: cpu cannot be combined with {' and '.join(bad)} "
+                                 "(use optimizer adamw, adam, sgd or adafactor and dtype bf16 or fp32, "
+                                 "or optimizer_state_device: device)")
         self.unet_lr = self.lr if self.unet_lr is None else self.unet_lr
         self.text_encoder_lr = self.lr if self.text_encoder_lr is None else self.text_encoder_lr
         return self

@@ -234,9 +234,9 @@ class Run:
             raise ValueError(f"train.attention_backend '{tc.attention_backend}' downloads kernels; use a local one")
         self.run_dir = run_folder(proc)
         self.processes, self.device = distributed.start(resolve_device(proc.device))
-        if self.processes.world > 1 and tc.fused_backward:
-            raise ValueError("train.fused_backward steps each weight as its gradient completes, before the processes "
-                             "have averaged it: it cannot run on several processes; remove it")
+        if self.processes.world > 1 and (tc.fused_backward or tc.optimizer_state_device == "cpu"):
+            raise ValueError("train.fused_backward and optimizer_state_device: cpu take each gradient as it completes, "
+                             "before the processes have averaged it: they cannot run on several processes; remove them")
         self.dtype = DTYPES[tc.dtype]
         state_path = ckpt.latest_state(self.run_dir)
         self.resume_state = ckpt.load_state(state_path) if state_path else None
@@ -321,11 +321,19 @@ class Run:
         if want_compile(proc.model.compile, self.device):
             compile_denoiser(self.arch.denoiser)
         self.train_mode(True)
+        # optimizer_state_device: cpu moves the state off the GPU; a CPU run keeps it in host memory anyway
+        self.state_on_host = tc.optimizer_state_device == "cpu" and self.device.type == "cuda"
         if tc.fused_backward:
             if tc.gradient_accumulation > 1 or self.dtype == torch.float16 or len(groups) > 1:
                 raise ValueError("train.fused_backward needs gradient_accumulation: 1, bf16 or fp32, and one learning rate")
-            if tc.max_grad_norm:
+            if tc.max_grad_norm and not self.state_on_host:
                 print("train.fused_backward: gradients are applied as they complete, so max_grad_norm clipping is off")
+        if self.state_on_host:  # it clips the host copies of the gradients, which its CPU step reads, itself
+            from .cpu_state import CPUStateOptimizer
+
+            self.optimizer = CPUStateOptimizer(tc.optimizer, groups, tc.unet_lr, tc.optimizer_params, device=self.device,
+                                               max_grad_norm=tc.max_grad_norm, free_device_grads=tc.fused_backward)
+        elif tc.fused_backward:
             self.optimizer = PerParameterOptimizer(tc.optimizer, self.params, tc.unet_lr, tc.optimizer_params)
         else:
             self.optimizer = build_optimizer(tc.optimizer, groups, tc.unet_lr, tc.optimizer_params)
@@ -340,8 +348,9 @@ class Run:
             trained = {name: t.module for name, t in self.components.items()} or {"denoiser": self.arch.denoiser}
             ddp = data_parallel(self.arch, trained, self.device)
         self.stepper = Stepper(self.arch, self.params, self.optimizer, self.scheduler, dtype=self.dtype,
-                               max_grad_norm=0 if tc.fused_backward else tc.max_grad_norm, generator=self.generator,
-                               ema=self.ema, ddp=ddp, sharded=self.sharded, processes=self.processes)
+                               max_grad_norm=0 if tc.fused_backward or self.state_on_host else tc.max_grad_norm,
+                               generator=self.generator, ema=self.ema, ddp=ddp, sharded=self.sharded,
+                               processes=self.processes)
         self.step = tc.start_step or 0
         for _ in range(self.step):  # a forced start step starts the LR schedule there too
             self.scheduler.step()
@@ -420,9 +429,11 @@ class Run:
         budget = usable_gpu_memory(self.device)
         tokens = max(r for ds in proc.datasets for r in ds.resolution) ** 2 // 256 + 512  # latent patches + text
         kw = dict(budget=budget, tokens=tokens, batch=proc.train.batch_size,
-                  # a full fine-tune holds weights, gradients and AdamW moments of every parameter (~12 bytes each)
+                  # a full fine-tune holds weights, gradients and AdamW moments of every parameter (~12 bytes each;
+                  # ~4 with the moments in host memory)
                   lora_bytes=lora_state_bytes(size, proc.network.linear) if proc.network else
-                  12.0 * sum([*size.unit_linear.values(), *size.unit_other.values()]))
+                  (4.0 if proc.train.optimizer_state_device == "cpu" else 12.0) *
+                  sum([*size.unit_linear.values(), *size.unit_other.values()]))
         if auto:  # a full fine-tune trains the weights themselves: neither quantized nor swapped
             plan = make_plan(size, **kw, fp8_matmul=base.float8_matmul,
                              **({"candidates": ((None, False, False), (None, True, False))} if self.full else {}))
@@ -640,16 +651,18 @@ class Run:
     def identity(self) -> dict:
         """What must match for a checkpoint to be resumable."""
         net = self.proc.network
+        # the optimizer state's layout: torchao's per-parameter list, or one torch optimizer's
+        host = {"optimizer_state_device": "cpu"} if self.state_on_host else {}
         if self.full:
-            return {"arch": self.proc.model.arch_name, "network": "full", "n_params": len(self.params)}
+            return {"arch": self.proc.model.arch_name, "network": "full", "n_params": len(self.params), **host}
         return {"arch": self.proc.model.arch_name, "network": net.type, "rank": net.linear, "alpha": float(net.linear_alpha),
                 "conv": net.conv, "components": sorted(self.components), "n_params": len(self.params),
-                **({"lokr_factor": net.lokr_factor} if net.type == "lokr" else {})}
+                **({"lokr_factor": net.lokr_factor} if net.type == "lokr" else {}), **host}
 
     def save(self, final: bool) -> None:
         # sharded weights first come together on process 0; otherwise every process holds the same weights
         # (a full fine-tune's state by parameter name also when unsharded: it resumes on any process count)
-        by_name = self.full and not isinstance(self.optimizer, PerParameterOptimizer)
+        by_name = self.full and not isinstance(self.optimizer, PerParameterOptimizer) and not self.state_on_host
         gathered = distributed.full_state(self.arch.denoiser, self.optimizer) if by_name else None
         if not self.processes.main:  # one process writes
             return
