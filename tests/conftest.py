@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from eridiffusion.archs.flux_tiny import build_tiny_flux
+from eridiffusion.archs.kolors_tiny import build_tiny_kolors
 from eridiffusion.archs.sdxl_tiny import build_tiny_sdxl
 from eridiffusion.demo import DEMO_DATA_DIR
 
@@ -30,6 +31,11 @@ def tiny_sdxl(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sdxl_v(tmp_path_factory) -> Path:
     return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl-v", prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_kolors(tmp_path_factory) -> Path:
+    return build_tiny_kolors(tmp_path_factory.mktemp("models") / "tiny-kolors")
 
 
 @pytest.fixture

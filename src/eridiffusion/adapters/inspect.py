@@ -34,6 +34,7 @@ _ARCH_HINTS = (
     ("flux", ("single_transformer_blocks",)), ("flux", ("single_blocks", "double_blocks")),
     ("flux", ("single_blocks_", "double_blocks_")),
     ("hidream", ("double_stream_blocks",)), ("sd3", ("joint_blocks",)), ("sd3", ("context_pre_only",)),
+    ("kolors", ("encoder_hid_proj",)),  # SDXL's UNet names plus the projection of ChatGLM's states
     ("sdxl", ("input_blocks", "lora_te2")), ("sdxl", ("down_blocks", "lora_te2")),
     ("sdxl", ("input_blocks_4_1_transformer_blocks",)), ("sdxl", ("down_blocks", "attentions")),
     ("wan21", ("blocks", "self_attn")), ("hunyuan_video", ("img_attn_qkv",)),

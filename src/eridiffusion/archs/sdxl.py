@@ -239,39 +239,55 @@ class SDXL:
 
     # ---- other layouts and merging (trainer lora convert / merge) ---------------------------------
     lora_layouts = ("kohya", "comfy", "diffusers")  # ComfyUI applies SDXL LoRAs fully in kohya's layout: the same
+    # diffusers' prefix of each component's keys, which is also its folder
     DIFFUSERS_PREFIXES = {"unet": "unet.", "te1": "text_encoder.", "te2": "text_encoder_2."}
 
     @classmethod
-    def _shell(cls, unet=None, text_encoders=None):
-        """An instance holding only the modules (meta-device ones from the shipped SDXL configs unless given), for
-        reading and writing LoRA files by module name."""
-        from transformers import CLIPTextConfig
-
+    def unet_config(cls) -> dict:
+        """The full-size UNet's config, whose module names LoRA files are read against."""
         from .sdxl_formats import base_config
 
-        def _clip_config(c):
-            return c if isinstance(c, CLIPTextConfig) else CLIPTextConfig(**c)
+        return base_config("unet")
 
+    @classmethod
+    def lora_text_encoders(cls, root: Path | None = None) -> list[torch.nn.Module]:
+        """The text encoders LoRA files may adapt, in `te_keys` order: `root`'s, or meta-device ones from the shipped
+        SDXL configs (module names only)."""
+        from .sdxl_formats import base_config
+
+        if root is not None:
+            return [CLIPTextModel.from_pretrained(root, subfolder="text_encoder", local_files_only=True),
+                    CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2", local_files_only=True)]
+        with torch.device("meta"):
+            return [CLIPTextModel(base_config("text_encoder")), CLIPTextModelWithProjection(base_config("text_encoder_2"))]
+
+    @classmethod
+    def _shell(cls, unet=None, text_encoders=None):
+        """An instance holding only the modules (meta-device ones at full size unless given), for reading and writing
+        LoRA files by module name."""
         shell = cls.__new__(cls)
         with torch.device("meta"):
-            shell.unet = unet or UNet2DConditionModel.from_config(base_config("unet"))
-            shell.text_encoders = text_encoders or [
-                CLIPTextModel(_clip_config(base_config("text_encoder"))),
-                CLIPTextModelWithProjection(_clip_config(base_config("text_encoder_2")))]
+            shell.unet = unet or UNet2DConditionModel.from_config(cls.unet_config())
+        shell.text_encoders = cls.lora_text_encoders() if text_encoders is None else text_encoders
         return shell
 
     @classmethod
     def lora_read_any(cls, tensors: dict[str, torch.Tensor], shell=None) -> dict[str, dict[str, torch.Tensor]]:
         """Per-component peft-named state (with `.alpha`, DoRA as `.dora_scale`) of a file in kohya's or diffusers'
-        layout."""
+        layout; a key of no component this reads is an error naming it."""
         shell = shell or cls._shell()
-        if not any(k.startswith(tuple(cls.DIFFUSERS_PREFIXES.values())) for k in tensors):
+        prefixes = tuple(cls.DIFFUSERS_PREFIXES[c] for c in shell.lora_modules())
+        if not any(k.startswith(prefixes) for k in tensors):
+            heads = tuple(shell.file_prefix(c) + "_" for c in shell.lora_modules())
+            unread = [k for k in tensors if not k.startswith(heads)]
+            if unread:  # from_kohya reads one prefix at a time and passes over the others
+                raise ValueError(f"{unread[0]}: not a {cls.__name__} LoRA key ({', '.join(heads)} or {', '.join(prefixes)})")
             return shell.lora_from_file(tensors)
         states: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in tensors.items():
-            component = next((c for c, p in cls.DIFFUSERS_PREFIXES.items() if key.startswith(p)), None)
+            component = next((c for c in shell.lora_modules() if key.startswith(cls.DIFFUSERS_PREFIXES[c])), None)
             if component is None:
-                raise ValueError(f"{key}: not an SDXL LoRA key (unet., text_encoder., text_encoder_2.)")
+                raise ValueError(f"{key}: not a {cls.__name__} LoRA key ({', '.join(prefixes)})")
             name = key[len(cls.DIFFUSERS_PREFIXES[component]):]
             if name.endswith(".lora_magnitude_vector"):  # peft's DoRA magnitude: (out,), conv (1, out, 1, 1)
                 name = name[: -len(".lora_magnitude_vector")] + ".dora_scale"
@@ -318,15 +334,11 @@ class SDXL:
         if src.kind == "single_file":
             return cls._open_single_file_for_merge(src.path)
         root = Path(src.path)
-        load = dict(local_files_only=True)
-        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **load)
-        tes = [CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **load),
-               CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2", **load)]
-        shell = cls._shell(unet, tes)
-        folders = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
+        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", local_files_only=True)
+        shell = cls._shell(unet, cls.lora_text_encoders(root))
 
         def write(out: Path) -> None:
-            write_diffusers_folder(root, out, {folders[key]: m for key, m in shell.lora_modules().items()})
+            write_diffusers_folder(root, out, {cls.DIFFUSERS_PREFIXES[key].rstrip("."): m for key, m in shell.lora_modules().items()})
         return shell.lora_modules(), write, lambda tensors: cls.lora_read_any(tensors, shell)
 
     @classmethod
