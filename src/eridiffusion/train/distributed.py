@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,8 @@ def start(device: torch.device) -> tuple[Processes, torch.device]:
                                f"{torch.cuda.device_count()}; start at most that many processes per machine")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
+    if rank:  # one process says what the run does (its plan, its progress); errors still reach stderr from all
+        sys.stdout = open(os.devnull, "w")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 **({"device_id": device} if device.type == "cuda" else {}))
