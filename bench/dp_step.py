@@ -1,0 +1,106 @@
+"""Several GPUs (issue 10): our LoRA step on full-size FLUX.1 or SDXL (1024², bs 1 per GPU, rank 16, gradient
+checkpointing, bf16, AdamW, regional compile) under DDP, or one FSDP2 full fine-tune step of FLUX.1 (`--full`),
+through the same code a run uses (train/distributed.py, Stepper). Start it with torchrun, once per GPU count:
+
+  PYTHONPATH=src torchrun --standalone --nproc-per-node N bench/dp_step.py {flux|sdxl} [--full]
+
+Prints (process 0) images/s over all GPUs, s/step and the peak memory of every GPU; scaling efficiency is
+images/s on N GPUs / (N x images/s on 1).
+"""
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from eridiffusion.adapters import LoraSpec, inject_lora
+from eridiffusion.archs import get_arch_class
+from eridiffusion.archs.blockwise import FrozenBase
+from eridiffusion.config import parse_config
+from eridiffusion.quant import Quantizer
+from eridiffusion.train import distributed
+from eridiffusion.train.compile import compile_denoiser
+from eridiffusion.train.loop import Stepper
+from eridiffusion.train.memory import enable_checkpointing
+from eridiffusion.train.optim import build_optimizer, build_scheduler
+
+torch.backends.cuda.matmul.allow_tf32 = True
+_spec = importlib.util.spec_from_file_location("lora_step", Path(__file__).with_name("lora_step.py"))
+lora_step = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(lora_step)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("arch", choices=["flux", "sdxl"])
+    ap.add_argument("--full", action="store_true", help="FSDP2 full fine-tune of the blocks instead of LoRA")
+    ap.add_argument("--steps", type=int, default=8)
+    args = ap.parse_args()
+    processes, dev = distributed.start(torch.device("cuda"))
+    cfg = {"job": "extension", "config": {"name": "bench", "process": [{
+        "type": "sd_trainer", "device": "cuda:0", "datasets": [{"folder_path": "unused"}],
+        "model": {"name_or_path": "unused", "arch": args.arch},
+        "train": {"batch_size": 1, "lr": 1e-4, "optimizer": "adamw", "dtype": "bf16", "gradient_checkpointing": True}}]}}
+    if not args.full:
+        cfg["config"]["process"][0]["network"] = {"type": "lora", "linear": 16, "linear_alpha": 16}
+    arch = get_arch_class(args.arch)(parse_config(cfg).config.process[0], dev, torch.bfloat16)
+    arch.base = FrozenBase(dev, torch.bfloat16, quantizer=Quantizer(None))
+    model, batch = lora_step.build(args.arch, arch, dev, 1)
+    blocks = [b for n in arch.block_lists for b in getattr(model, n)]
+    ddp = sharded = None
+    if args.full:
+        model.requires_grad_(False)
+        for b in blocks:
+            b.requires_grad_(True)
+        enable_checkpointing(model)
+        if processes.world > 1:
+            distributed.shard(model, blocks, dev)
+            sharded = model
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        params = []
+        for t in arch.lora_components(transformer_only=True, train_text_encoder=False).values():
+            params += inject_lora(t.module, t.linear, LoraSpec(rank=16, alpha=16), seed=0)
+        for p in params:
+            p.data = p.data.to(dev)
+        enable_checkpointing(model)
+    model.train()
+    compile_denoiser(model)
+    if processes.world > 1 and not args.full:
+        ddp = distributed.data_parallel(arch, {"denoiser": model}, dev)
+    opt = build_optimizer("adamw", params, 1e-4, {})
+    stepper = Stepper(arch, params, opt, build_scheduler("constant", opt, {}, 100), dtype=torch.bfloat16,
+                      max_grad_norm=1.0, generator=torch.Generator(dev).manual_seed(processes.rank), ddp=ddp,
+                      sharded=sharded, processes=processes)
+    for _ in range(4):
+        stepper.step([batch])
+    torch.cuda.synchronize()
+    processes.barrier()
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        stepper.step([batch])
+    torch.cuda.synchronize()
+    processes.barrier()
+    step_s = (time.perf_counter() - t) / args.steps
+    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=dev)
+    peaks = [torch.zeros_like(peak) for _ in range(processes.world)] if processes.world > 1 else [peak]
+    if processes.world > 1:
+        dist.all_gather(peaks, peak)
+    key = f"{args.arch}_{'fsdp_full' if args.full else 'ddp_lora'}_{processes.world}gpu"
+    result = {key: {"gpus": processes.world, "step_s": round(step_s, 4), "images_per_s": round(processes.world / step_s, 3),
+                    "peak_gib_per_gpu": [round(float(p), 2) for p in peaks], "trained_params": sum(p.numel() for p in params)}}
+    if processes.main:
+        print(json.dumps(result), flush=True)
+        if os.environ.get("OUT"):
+            json.dump(result, open(os.path.join(os.environ["OUT"], f"{key}.json"), "w"))
+    distributed.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
