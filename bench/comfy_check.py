@@ -51,8 +51,8 @@ from safetensors.torch import load_file
 from eridiffusion import cli
 from eridiffusion.adapters import load_lora_state
 from eridiffusion.archs import get_arch_class
-from eridiffusion.archs.flux_formats import diffusers_to_bfl
-from eridiffusion.archs.sdxl_formats import diffusers_to_sgm
+from eridiffusion.archs.flux.formats import diffusers_to_bfl
+from eridiffusion.archs.sdxl.formats import diffusers_to_sgm
 from eridiffusion.config import parse_config
 from eridiffusion.demo import DEMO_DATA_DIR
 from eridiffusion.train.checkpoint import latest_state, load_state

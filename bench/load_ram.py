@@ -19,7 +19,7 @@ def write(path: str, fp8: bool) -> None:
     from diffusers import FluxTransformer2DModel
     from safetensors.torch import save_file
 
-    from eridiffusion.archs.flux_formats import diffusers_to_bfl, known_flux_configs
+    from eridiffusion.archs.flux.formats import diffusers_to_bfl, known_flux_configs
 
     with torch.device("meta"):
         model = FluxTransformer2DModel.from_config(known_flux_configs()["flux-dev"])
@@ -34,7 +34,7 @@ def write(path: str, fp8: bool) -> None:
 def load(path: str, qtype: str, device: str) -> None:
     from eridiffusion.archs.blockwise import FrozenBase
     from eridiffusion.archs.flux import Flux
-    from eridiffusion.archs.flux_formats import load_flux_single_file
+    from eridiffusion.archs.flux.formats import load_flux_single_file
     from eridiffusion.quant import Quantizer, weight_bytes
 
     t = time.perf_counter()

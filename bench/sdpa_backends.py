@@ -25,7 +25,7 @@ def main():
                     torch.cuda.synchronize()
                     t = time.perf_counter()
                     for _ in range(10):
-                        y = torch.nn.functional.scaled_dot_product_attention(*args)
+                        torch.nn.functional.scaled_dot_product_attention(*args)
                     torch.cuda.synchronize()
                     fwd = (time.perf_counter() - t) / 10
                     t = time.perf_counter()

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from eridiffusion.archs.flux_tiny import build_tiny_flux
-from eridiffusion.archs.kolors_tiny import build_tiny_kolors
-from eridiffusion.archs.sdxl_tiny import build_tiny_sdxl
+from eridiffusion.archs.flux.tiny import build_tiny_flux
+from eridiffusion.archs.kolors.tiny import build_tiny_kolors
+from eridiffusion.archs.sdxl.tiny import build_tiny_sdxl
 from eridiffusion.demo import DEMO_DATA_DIR
 
 
@@ -49,7 +49,7 @@ def sgm_single_file(sdxl_folder: Path, path: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from eridiffusion.archs.sdxl_formats import diffusers_to_sgm
+    from eridiffusion.archs.sdxl.formats import diffusers_to_sgm
 
     load = dict(local_files_only=True)
     parts = {"unet": UNet2DConditionModel.from_pretrained(sdxl_folder, subfolder="unet", **load).state_dict(),

@@ -98,7 +98,7 @@ def sharded_config(tiny_flux, dataset, out, steps, processes):
 def test_sharded_full_fine_tune_saves_a_normal_file_and_matches_one_process(tiny_flux, dataset, tmp_path, write_config):
     """FSDP2 over 2 processes: the saved file is the whole model in its single-file layout (not shards), with the
     weights one process accumulating both batches gets; its checkpoint resumes on 2 processes."""
-    from eridiffusion.archs.flux_formats import load_flux_single_file
+    from eridiffusion.archs.flux.formats import load_flux_single_file
 
     assert cli.main([str(write_config(sharded_config(tiny_flux, dataset, tmp_path / "one", 6, 1), "one.yaml"))]) == 0
     torchrun(write_config(sharded_config(tiny_flux, dataset, tmp_path / "two", 3, 2), "two3.yaml"))

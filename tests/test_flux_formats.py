@@ -6,7 +6,7 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from safetensors.torch import save_file
 
-from eridiffusion.archs.flux_formats import (
+from eridiffusion.archs.flux.formats import (
     CONFIG_DIR,
     bfl_to_diffusers,
     describe_checkpoint,
@@ -17,7 +17,7 @@ from eridiffusion.archs.flux_formats import (
     known_flux_variant,
     load_flux_single_file,
 )
-from eridiffusion.archs.flux_tiny import build_tiny_flux
+from eridiffusion.archs.flux.tiny import build_tiny_flux
 
 VARIANTS = {"dev_1x1": dict(guidance_embeds=True, num_layers=1, num_single_layers=1),
             "schnell_2x3": dict(guidance_embeds=False, num_layers=2, num_single_layers=3)}

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from eridiffusion.archs.flux_tiny import build_tiny_flux
+from eridiffusion.archs.flux.tiny import build_tiny_flux
 from eridiffusion.demo import DEMO_DATA_DIR
 
 WEIGHT_FILES = [

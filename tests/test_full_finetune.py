@@ -8,7 +8,7 @@ from diffusers import FluxTransformer2DModel
 from safetensors.torch import load_file
 
 from eridiffusion import cli
-from eridiffusion.archs.flux_formats import load_flux_single_file
+from eridiffusion.archs.flux.formats import load_flux_single_file
 from eridiffusion.train.checkpoint import latest_state, load_state
 
 from .conftest import train_config
@@ -75,7 +75,7 @@ def test_fused_backward_gives_the_same_weights_and_resumes(tiny_flux, dataset, t
 
 
 def _bfl(model):
-    from eridiffusion.archs.flux_formats import diffusers_to_bfl
+    from eridiffusion.archs.flux.formats import diffusers_to_bfl
 
     return diffusers_to_bfl(model.state_dict())
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from eridiffusion import cli
 from eridiffusion.archs.flux import Flux, _bfl_module_names
-from eridiffusion.archs.flux_formats import _lora_modules
+from eridiffusion.archs.flux.formats import _lora_modules
 
 from .conftest import train_config
 

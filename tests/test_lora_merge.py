@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from eridiffusion import cli
 from eridiffusion.adapters import LoraSpec, inject_lora, load_lora_file_state, lora_scale
 from eridiffusion.archs.flux import Flux
-from eridiffusion.archs.flux_formats import diffusers_to_bfl, load_flux_single_file
+from eridiffusion.archs.flux.formats import diffusers_to_bfl, load_flux_single_file
 
 from .conftest import train_config
 from .test_quant import inputs

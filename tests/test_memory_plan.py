@@ -9,7 +9,7 @@ from diffusers import FluxTransformer2DModel
 from eridiffusion import cli
 from eridiffusion.archs.blockwise import block_units
 from eridiffusion.archs.flux import Flux
-from eridiffusion.archs.flux_formats import known_flux_configs
+from eridiffusion.archs.flux.formats import known_flux_configs
 from eridiffusion.config import parse_config
 from eridiffusion.train.memory import ModelSize, estimate, lora_state_bytes, make_plan, swap_request
 

@@ -11,7 +11,7 @@ from eridiffusion import cli
 from eridiffusion.adapters import LoraSpec, inject_lora, load_lora_state
 from eridiffusion.archs.blockwise import FrozenBase, folder_readers, materialize, read_units
 from eridiffusion.archs.flux import Flux
-from eridiffusion.archs.flux_formats import BLOCK_LISTS, diffusers_to_bfl, load_flux_single_file
+from eridiffusion.archs.flux.formats import BLOCK_LISTS, diffusers_to_bfl, load_flux_single_file
 from eridiffusion.quant import Quantizer, is_quantized, relative_error, storage_of, tensor_bytes, weight_bytes
 from eridiffusion.train.checkpoint import latest_state, load_state
 

@@ -131,7 +131,7 @@ def test_flow_settings_are_refused_for_sdxl(tiny_sdxl, dataset, tmp_path, write_
 def test_kolors_trains_and_its_file_loads_in_diffusers(tmp_path_factory, dataset, tmp_path, write_config):
     from diffusers import KolorsPipeline
 
-    from eridiffusion.archs.kolors_tiny import build_tiny_kolors
+    from eridiffusion.archs.kolors.tiny import build_tiny_kolors
 
     model = build_tiny_kolors(tmp_path_factory.mktemp("models") / "tiny-kolors")
     cfg = train_config(model, dataset, tmp_path / "out", arch="kolors", steps=4, sample=SAMPLE, train={"lr": 1e-2})

@@ -9,7 +9,7 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionMode
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from eridiffusion.archs.sdxl_formats import (BASE_CONFIGS, diffusers_to_sgm, infer_sdxl_unet_config,
+from eridiffusion.archs.sdxl.formats import (BASE_CONFIGS, diffusers_to_sgm, infer_sdxl_unet_config,
                                              infer_sdxl_vae_latent_channels, is_sgm_sdxl, load_sdxl_single_file,
                                              load_sdxl_tokenizers, read_configs, sgm_to_diffusers)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from eridiffusion.archs.kolors_tiny import build_tiny_kolors
-from eridiffusion.archs.sdxl_tiny import build_tiny_sdxl
+from eridiffusion.archs.kolors.tiny import build_tiny_kolors
+from eridiffusion.archs.sdxl.tiny import build_tiny_sdxl
 
 BUILDERS = {"sdxl": build_tiny_sdxl, "kolors": build_tiny_kolors}
 WEIGHT_FILES = {

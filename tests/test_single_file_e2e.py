@@ -10,7 +10,7 @@ from diffusers import FluxTransformer2DModel
 from safetensors.torch import save_file
 
 from eridiffusion import cli
-from eridiffusion.archs.flux_formats import diffusers_to_bfl
+from eridiffusion.archs.flux.formats import diffusers_to_bfl
 
 from .conftest import sgm_single_file, train_config
 
@@ -108,7 +108,7 @@ def test_text_encoders_from_their_own_files(tiny_flux, dataset, tmp_path, write_
 def test_sdxl_with_a_vae_from_a_single_file(tiny_sdxl, dataset, tmp_path, write_config):
     from diffusers import AutoencoderKL
 
-    from eridiffusion.archs.sdxl_formats import diffusers_to_sgm
+    from eridiffusion.archs.sdxl.formats import diffusers_to_sgm
 
     vae = AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae", local_files_only=True)
     sgm = diffusers_to_sgm({"vae": vae.state_dict()})

@@ -1,5 +1,5 @@
-"""Architecture registry. Each architecture lives in one module of this package and is imported only
-when a config asks for it, so adding a model is: write `archs/<name>.py`, add one line to ARCHS."""
+"""Architecture registry. Each architecture lives in its own package (`archs/<name>/`) and is imported only
+when a config asks for it; adding a model is the checklist in archs/README.md and one line in ARCHS."""
 from __future__ import annotations
 
 import importlib

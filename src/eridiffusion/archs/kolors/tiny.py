@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .sdxl_tiny import euler_scheduler, tiny_sdxl_unet, tiny_sdxl_vae
-from .tiny_text import tiny_sentencepiece_model
+from ..sdxl.tiny import euler_scheduler, tiny_sdxl_unet, tiny_sdxl_vae
+from ..tiny_text import tiny_sentencepiece_model
 
 MAX_SEQUENCE_LENGTH = 256  # KolorsPipeline's default prompt length; the rotary table covers it
 
@@ -22,7 +22,7 @@ MAX_SEQUENCE_LENGTH = 256  # KolorsPipeline's default prompt length; the rotary 
 def build_tiny_kolors(folder: str | Path, *, seed: int = 0) -> Path:
     """Write a tiny random Kolors folder as `KolorsPipeline.save_pretrained` lays it out.
 
-    The tiny SDXL UNet and VAE of `sdxl_tiny`: pixel sizes divisible by 8, default 32x32.
+    The tiny SDXL UNet and VAE of `archs.sdxl.tiny`: pixel sizes divisible by 8, default 32x32.
     Text: a 2-layer ChatGLM of hidden size 32, projected by the UNet to its cross-attention width
     64; the 32-wide pooled embedding plus 6 x 8 time-id features make its 80-wide added conditioning.
     """

@@ -9,14 +9,14 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-from ..objectives import flow
-from ..train.dtypes import DTYPES
-from .base import LoraTargets, SampleRequest
-from .common import (encode_latents, folder_fingerprint, load_text_encoder, load_vae, on_device, resolve_roots,
+from ...objectives import flow
+from ...train.dtypes import DTYPES
+from ..base import LoraTargets, SampleRequest
+from ..common import (encode_latents, folder_fingerprint, load_text_encoder, load_vae, on_device, resolve_roots,
                      save_lora_with_diffusers, write_diffusers_folder)
-from .blockwise import FrozenBase, finish_loaded, folder_readers, materialize, read_units
-from .flux_formats import BLOCK_LISTS, load_flux_single_file
-from .sources import find_tokenizer_files
+from ..blockwise import FrozenBase, finish_loaded, folder_readers, materialize, read_units
+from .formats import BLOCK_LISTS, load_flux_single_file
+from ..sources import find_tokenizer_files
 
 COMPONENTS = ["transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"]
 BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
@@ -64,7 +64,7 @@ class Flux:
     @staticmethod
     def build_tiny(folder, **kw):
         """A tiny random-weight model folder of this architecture, for tests and the demo."""
-        from .flux_tiny import build_tiny_flux
+        from .tiny import build_tiny_flux
 
         return build_tiny_flux(folder, **kw)
 
@@ -208,7 +208,7 @@ class Flux:
     def full_to_file(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The transformer (or its gathered `state`) in BFL's single-file layout (ComfyUI's
         models/diffusion_models/flux1-dev.safetensors)."""
-        from .flux_formats import diffusers_to_bfl
+        from .formats import diffusers_to_bfl
 
         return diffusers_to_bfl(state or self.transformer.state_dict())
 
@@ -223,8 +223,8 @@ class Flux:
         """A Flux LoRA file in any of lora_layouts (or bare diffusers names) -> the same LoRA in `layout`:
         diffusers `transformer.<diffusers name>` (ours), ComfyUI `diffusion_model.<BFL name>` or kohya
         `lora_unet_<BFL name with _>` (sd-scripts)."""
-        from ..adapters.kohya import from_kohya, to_kohya
-        from .flux_formats import lora_bfl_to_diffusers, lora_diffusers_to_bfl
+        from ...adapters.kohya import from_kohya, to_kohya
+        from .formats import lora_bfl_to_diffusers, lora_diffusers_to_bfl
 
         bfl_names = _bfl_module_names()
         if any(k.startswith("lora_unet_") for k in tensors):
@@ -249,9 +249,9 @@ class Flux:
         single file as one."""
         from safetensors.torch import save_file
 
-        from .blockwise import SafetensorsReader
-        from .flux_formats import PREFIXES, diffusers_to_bfl
-        from .sources import resolve_model_source
+        from ..blockwise import SafetensorsReader
+        from .formats import PREFIXES, diffusers_to_bfl
+        from ..sources import resolve_model_source
 
         src = resolve_model_source(base, key="--base")
         if src.kind == "single_file":
@@ -286,7 +286,7 @@ class Flux:
 
 def _bfl_module_names() -> list[str]:
     """Every module name of FLUX.1-dev's transformer in BFL's layout (Flex.1 and schnell name a subset)."""
-    from .flux_formats import diffusers_to_bfl, known_flux_configs
+    from .formats import diffusers_to_bfl, known_flux_configs
 
     with torch.device("meta"):
         model = FluxTransformer2DModel.from_config(known_flux_configs()["flux-dev"])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .tiny_text import tiny_clip_text_config, tiny_clip_tokenizer, tiny_t5_tokenizer, write_clip_tokenizer
+from ..tiny_text import tiny_clip_text_config, tiny_clip_tokenizer, tiny_t5_tokenizer, write_clip_tokenizer
 
 
 def build_tiny_flux(

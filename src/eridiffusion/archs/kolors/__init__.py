@@ -7,7 +7,7 @@ import torch
 from diffusers import KolorsPipeline
 from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer
 
-from .sdxl import SDXL
+from ..sdxl import SDXL
 
 # Kwai-Kolors/Kolors-diffusers' UNet: SDXL base's, with ChatGLM3's 4096-wide states projected to its 2048-wide
 # cross-attention and the 4096-wide pooled state in the added conditioning (4096 + 6 time ids x 256)
@@ -46,7 +46,7 @@ class Kolors(SDXL):
         ComfyUI's Kolors nodes load and our full fine-tune writes), merged and written back with the same keys."""
         from safetensors.torch import save_file
 
-        from .sources import load_state_dict_file
+        from ..sources import load_state_dict_file
 
         sd = load_state_dict_file(path)
         if "encoder_hid_proj.weight" not in sd:
@@ -59,7 +59,7 @@ class Kolors(SDXL):
 
     @staticmethod
     def build_tiny(folder, **kw):
-        from .kolors_tiny import build_tiny_kolors
+        from .tiny import build_tiny_kolors
 
         return build_tiny_kolors(folder, **kw)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .tiny_text import tiny_clip_text_config, tiny_clip_tokenizer, write_clip_tokenizer
+from ..tiny_text import tiny_clip_text_config, tiny_clip_tokenizer, write_clip_tokenizer
 
 ADDITION_TIME_EMBED_DIM = 8  # SDXL's is 256; 6 micro-conditioning numbers (sizes, crop) each get this many
 

@@ -12,15 +12,15 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMul
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-from ..adapters.kohya import from_kohya, to_kohya
-from ..objectives import ddpm
-from ..objectives.flow import per_sample_mse
-from ..train.dtypes import DTYPES
-from .base import LoraTargets, SampleRequest
-from .blockwise import FrozenBase, finish_loaded
-from .common import (encode_latents, folder_fingerprint, load_vae, on_device, require_diffusers_folder,
+from ...adapters.kohya import from_kohya, to_kohya
+from ...objectives import ddpm
+from ...objectives.flow import per_sample_mse
+from ...train.dtypes import DTYPES
+from ..base import LoraTargets, SampleRequest
+from ..blockwise import FrozenBase, finish_loaded
+from ..common import (encode_latents, folder_fingerprint, load_vae, on_device, require_diffusers_folder,
                      save_lora_with_diffusers, write_diffusers_folder)
-from .sources import resolve_model_source
+from ..sources import resolve_model_source
 
 # sample.sampler -> (diffusers scheduler, extra config); built from the model's own scheduler config
 SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
@@ -63,7 +63,7 @@ class SDXL:
     @staticmethod
     def build_tiny(folder, **kw):
         """A tiny random-weight model folder of this architecture, for tests and the demo."""
-        from .sdxl_tiny import build_tiny_sdxl
+        from .tiny import build_tiny_sdxl
 
         return build_tiny_sdxl(folder, **kw)
 
@@ -113,7 +113,7 @@ class SDXL:
 
     def load_single_file(self, path) -> None:
         """An all-in-one checkpoint in SGM layout (UNet, VAE, both CLIPs); tokenizers from extras_name_or_path."""
-        from .sdxl_formats import load_sdxl_single_file
+        from .formats import load_sdxl_single_file
 
         extras = self.model_cfg.extras_name_or_path
         if not extras:
@@ -226,7 +226,7 @@ class SDXL:
     def full_to_file(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """An all-in-one checkpoint in SGM layout (ComfyUI's checkpoints/): the UNet (or its gathered `state`) with
         the VAE and the text encoders that are still loaded (they are freed after caching text embeddings)."""
-        from .sdxl_formats import diffusers_to_sgm
+        from .formats import diffusers_to_sgm
 
         parts = {"unet": state or self.unet.state_dict()}
         if self.vae is not None:
@@ -245,7 +245,7 @@ class SDXL:
     @classmethod
     def unet_config(cls) -> dict:
         """The full-size UNet's config, whose module names LoRA files are read against."""
-        from .sdxl_formats import base_config
+        from .formats import base_config
 
         return base_config("unet")
 
@@ -253,7 +253,7 @@ class SDXL:
     def lora_text_encoders(cls, root: Path | None = None) -> list[torch.nn.Module]:
         """The text encoders LoRA files may adapt, in `te_keys` order: `root`'s, or meta-device ones from the shipped
         SDXL configs (module names only)."""
-        from .sdxl_formats import base_config
+        from .formats import base_config
 
         if root is not None:
             return [CLIPTextModel.from_pretrained(root, subfolder="text_encoder", local_files_only=True),
@@ -328,7 +328,7 @@ class SDXL:
     @classmethod
     def open_for_merge(cls, base: str):
         """trainer lora merge into a diffusers folder: (modules, write(output), read(tensors) -> states)."""
-        from .sources import resolve_model_source
+        from ..sources import resolve_model_source
 
         src = resolve_model_source(base, key="--base")
         if src.kind == "single_file":
@@ -347,8 +347,8 @@ class SDXL:
         place of their SGM keys; everything else in the file (VAE, extra keys) is copied through untouched."""
         from safetensors.torch import save_file
 
-        from .sdxl_formats import PREFIXES, base_config, diffusers_to_sgm, infer_sdxl_unet_config, sgm_to_diffusers
-        from .sources import load_state_dict_file
+        from .formats import PREFIXES, base_config, diffusers_to_sgm, infer_sdxl_unet_config, sgm_to_diffusers
+        from ..sources import load_state_dict_file
 
         sd = load_state_dict_file(path)
         unet_config = infer_sdxl_unet_config(sd, reference=base_config("unet"))

@@ -16,7 +16,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
-from .sources import SAFETENSORS_SUFFIXES, _require_weight_suffix, load_state_dict_file
+from ..sources import SAFETENSORS_SUFFIXES, _require_weight_suffix, load_state_dict_file
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")  # the repeated blocks, in execution order
@@ -267,7 +267,7 @@ def load_flux_single_file(path: str | Path, dtype: torch.dtype = torch.bfloat16,
     """A FluxTransformer2DModel from one BFL-layout file (bf16/fp16/fp32, float8_e4m3fn/e5m2, or ComfyUI
     scaled fp8; prefixed or not), read block by block and finished by `base` (quantized, moved), with the
     config its shapes imply. float8 weights stay float8 when the base is stored in float8."""
-    from .blockwise import DictReader, FrozenBase, SafetensorsReader, materialize
+    from ..blockwise import DictReader, FrozenBase, SafetensorsReader, materialize
 
     path = Path(path)
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
@@ -304,7 +304,7 @@ _LORA_PARTS = {"lora_A.weight", "lora_B.weight", "alpha", "dora_scale"}
 
 
 def _lora_modules(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    from ..adapters.merge import adapter_modules
+    from ...adapters.merge import adapter_modules
 
     modules = adapter_modules(dict(state))
     for name, parts in modules.items():
