@@ -119,3 +119,12 @@ def test_one_process_full_fine_tune_resumes_sharded(tiny_flux, dataset, tmp_path
     assert cli.main([str(write_config(sharded_config(tiny_flux, dataset, tmp_path / "moved", 3, 1), "a.yaml"))]) == 0
     torchrun(write_config(sharded_config(tiny_flux, dataset, tmp_path / "moved", 6, 2), "b.yaml"))
     assert_same_weights(lora(tmp_path / "one"), lora(tmp_path / "moved"))
+
+
+def test_module_dropout_runs_on_two_processes(tiny_flux, dataset, tmp_path, write_config):
+    """LoKr with module dropout skips whole layers in some steps: DDP must not wait for their gradients."""
+    cfg = one_step_config(tiny_flux, dataset, tmp_path / "drop", 4, 2)
+    cfg["config"]["process"][0]["network"] = {"type": "lokr", "lokr_factor": 4, "network_kwargs": {"module_dropout": 0.5}}
+    torchrun(write_config(cfg))
+    saved = lora(tmp_path / "drop")
+    assert any(k.endswith(".lokr_w1") for k in saved) and all(torch.isfinite(v).all() for v in saved.values())

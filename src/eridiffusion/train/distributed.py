@@ -104,15 +104,16 @@ class LossModule(torch.nn.Module):
         return self.loss(latents, text, batch, generator)
 
 
-def data_parallel(arch, modules: dict[str, torch.nn.Module], device: torch.device):
+def data_parallel(arch, modules: dict[str, torch.nn.Module], device: torch.device, some_unused: bool = False):
     """The engine's DDP over the trained parameters only: frozen weights (quantized or not) are neither
-    broadcast nor reduced."""
+    broadcast nor reduced. `some_unused`: a step may skip some trained layers (module dropout)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     wrapper = LossModule(arch, modules)
     frozen = [n for n, p in wrapper.named_parameters() if not p.requires_grad] + [n for n, _ in wrapper.named_buffers()]
     DDP._set_params_and_buffers_to_ignore_for_model(wrapper, frozen)
-    return DDP(wrapper, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    return DDP(wrapper, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+               find_unused_parameters=some_unused)
 
 
 def shard(model: torch.nn.Module, blocks: list[torch.nn.Module], device: torch.device) -> None:

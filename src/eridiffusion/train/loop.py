@@ -346,7 +346,7 @@ class Run:
         ddp = None
         if self.processes.world > 1 and not self.full:
             trained = {name: t.module for name, t in self.components.items()} or {"denoiser": self.arch.denoiser}
-            ddp = data_parallel(self.arch, trained, self.device)
+            ddp = data_parallel(self.arch, trained, self.device, some_unused=bool(net.network_kwargs.module_dropout))
         self.stepper = Stepper(self.arch, self.params, self.optimizer, self.scheduler, dtype=self.dtype,
                                max_grad_norm=0 if tc.fused_backward or self.state_on_host else tc.max_grad_norm,
                                generator=self.generator, ema=self.ema, ddp=ddp, sharded=self.sharded,
