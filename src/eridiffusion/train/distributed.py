@@ -7,6 +7,7 @@ import contextlib
 import os
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -81,7 +82,8 @@ def start(device: torch.device) -> tuple[Processes, torch.device]:
     if rank:  # one process says what the run does (its plan, its progress); errors still reach stderr from all
         sys.stdout = open(os.devnull, "w")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+        # process 0 renders samples and writes checkpoints while the others wait in their next all-reduce
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1),
                                 **({"device_id": device} if device.type == "cuda" else {}))
     return Processes(rank, world, local), device
 
