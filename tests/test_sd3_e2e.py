@@ -91,3 +91,20 @@ def test_single_file_is_refused_by_name(tiny_sd3, dataset, tmp_path, write_confi
 def test_legacy_is_v3_flag_selects_sd3(tiny_sd3, dataset, tmp_path, write_config):
     cfg = train_config(tiny_sd3, dataset, tmp_path / "out", steps=1, model={"arch": None, "is_v3": True})
     assert cli.main([str(write_config(cfg))]) == 0
+
+
+def test_full_fine_tune_is_refused_before_loading(tiny_sd3, dataset, tmp_path, write_config, capsys):
+    cfg = sd3_config(tiny_sd3, dataset, tmp_path / "out")
+    del cfg["config"]["process"][0]["network"]
+    assert cli.main([str(write_config(cfg))]) == 1
+    assert "full fine-tune (no network section) is not supported yet for sd3" in capsys.readouterr().err
+
+
+def test_lora_convert_and_merge_are_refused(tiny_sd3, dataset, tmp_path, write_config, capsys):
+    assert cli.main([str(write_config(sd3_config(tiny_sd3, dataset, tmp_path / "out", steps=1)))]) == 0
+    file = tmp_path / "out" / "test_lora" / "test_lora.safetensors"
+    capsys.readouterr()
+    assert cli.main(["lora", "convert", str(file), "--to", "comfy", "-o", str(tmp_path / "c.safetensors")]) == 1
+    assert "sd3 LoRA files convert to no other layout yet" in capsys.readouterr().err
+    assert cli.main(["lora", "merge", "--base", str(tiny_sd3), "--lora", str(file), "-o", str(tmp_path / "m")]) == 1
+    assert "trainer lora merge is not supported yet for sd3" in capsys.readouterr().err

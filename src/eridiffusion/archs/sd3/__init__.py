@@ -40,6 +40,9 @@ class SD3:
         self.device, self.dtype = device, dtype
         self.max_sequence_length = int({**self.model_kwargs, **proc.model.model_kwargs}["max_text_length"])
         tc, sampler = self.train_cfg, proc.sample.sampler if proc.sample else "flowmatch"
+        if proc.network is None:  # refused before loading, rather than at the first save (full_to_file)
+            raise ValueError("a full fine-tune (no network section) is not supported yet for sd3: its single-file "
+                             "(SAI MMDiT) layout is not written yet; add a network section (lora, lokr, ...)")
         unknown = set(proc.model.model_paths) - set(TEXT_PARTS)
         if unknown:
             raise ValueError(f"model.model_paths: {sorted(unknown)} not supported for sd3 (use {', '.join(TEXT_PARTS)}; "
