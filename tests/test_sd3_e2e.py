@@ -7,6 +7,7 @@ import logging
 import re
 import shutil
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -108,3 +109,28 @@ def test_lora_convert_and_merge_are_refused(tiny_sd3, dataset, tmp_path, write_c
     assert "sd3 LoRA files convert to no other layout yet" in capsys.readouterr().err
     assert cli.main(["lora", "merge", "--base", str(tiny_sd3), "--lora", str(file), "-o", str(tmp_path / "m")]) == 1
     assert "trainer lora merge is not supported yet for sd3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("storage", [None, "int8"])
+def test_blockwise_load_equals_from_pretrained_and_quantizes_all_but_the_exclusions(tiny_sd3, storage):
+    from diffusers import SD3Transformer2DModel
+
+    from eridiffusion.archs.blockwise import FrozenBase
+    from eridiffusion.archs.sd3 import SD3
+    from eridiffusion.config import parse_config
+    from eridiffusion.quant import Quantizer, is_quantized
+
+    proc = parse_config(sd3_config(tiny_sd3, tiny_sd3, tiny_sd3)).config.process[0]
+    arch = SD3(proc, torch.device("cpu"), torch.float32)
+    quantizer = Quantizer(storage, SD3.quantize_exclude)
+    arch.load(FrozenBase(torch.device("cpu"), torch.float32, quantizer=quantizer))
+    reference = SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer", local_files_only=True)
+    if storage is None:
+        ours = arch.transformer.state_dict()
+        assert ours.keys() == reference.state_dict().keys()
+        assert all(torch.equal(v, reference.state_dict()[k]) for k, v in ours.items())
+        return
+    for name, layer in arch.transformer.named_modules():
+        if isinstance(layer, torch.nn.Linear):
+            kept = name.startswith(("context_embedder", "time_text_embed", "norm_out", "proj_out"))
+            assert is_quantized(layer.weight) != kept, name
