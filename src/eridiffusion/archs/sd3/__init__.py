@@ -94,7 +94,9 @@ class SD3:
         te1, tok1 = clip("text_encoder", "tokenizer")
         te2, tok2 = clip("text_encoder_2", "tokenizer_2")
         te3 = tok3 = None
-        if part["text_encoder_3"].exists():
+        if "text_encoder_3" in paths and not paths["text_encoder_3"].exists():
+            raise FileNotFoundError(f"model.model_paths.text_encoder_3: {paths['text_encoder_3']} does not exist")
+        if part["text_encoder_3"].exists():  # else zeros in T5's place, as diffusers' pipeline does
             te3 = load_text_encoder(T5EncoderModel, part["text_encoder_3"], root, "text_encoder_3", te_dtype)
             tok3 = AutoTokenizer.from_pretrained(find_tokenizer_files(part["tokenizer_3"], [["spiece.model"], ["tokenizer.json"]]),
                                                  local_files_only=True)
