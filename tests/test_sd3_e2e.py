@@ -78,6 +78,13 @@ def test_folder_without_t5_trains(tmp_path, dataset, write_config):
     cfg = sd3_config(model, dataset, tmp_path / "out", steps=2, train={"cache_text_embeddings": False})
     assert cli.main([str(write_config(cfg))]) == 0
     assert (tmp_path / "out" / "test_lora" / "test_lora.safetensors").is_file()
+    from eridiffusion.archs.sd3 import SD3
+    from eridiffusion.config import parse_config
+
+    arch = SD3(parse_config(cfg).config.process[0], torch.device("cpu"), torch.float32)
+    arch.load()
+    embeds = arch.encode_prompts(["a red circle"])["prompt_embeds"]
+    assert embeds.shape == (1, 77 + 256, 64) and not embeds[:, 77:].any()  # zeros where T5's tokens would be
 
 
 def test_single_file_is_refused_by_name(tiny_sd3, dataset, tmp_path, write_config, capsys):
