@@ -9,6 +9,7 @@ import yaml
 
 from eridiffusion.archs.flux.tiny import build_tiny_flux
 from eridiffusion.archs.kolors.tiny import build_tiny_kolors
+from eridiffusion.archs.sd3.tiny import build_tiny_sd3
 from eridiffusion.archs.sdxl.tiny import build_tiny_sdxl
 from eridiffusion.demo import DEMO_DATA_DIR
 
@@ -36,6 +37,11 @@ def tiny_sdxl_v(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_kolors(tmp_path_factory) -> Path:
     return build_tiny_kolors(tmp_path_factory.mktemp("models") / "tiny-kolors")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> Path:
+    return build_tiny_sd3(tmp_path_factory.mktemp("models") / "tiny-sd3")
 
 
 @pytest.fixture

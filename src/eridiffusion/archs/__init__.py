@@ -11,6 +11,7 @@ ARCHS: dict[str, str] = {
     "flux": "eridiffusion.archs.flux:Flux",
     "sdxl": "eridiffusion.archs.sdxl:SDXL",
     "kolors": "eridiffusion.archs.kolors:Kolors",
+    "sd3": "eridiffusion.archs.sd3:SD3",
 }
 
 

@@ -1,0 +1,56 @@
+"""A tiny random-initialised SD 3.5 folder in the real diffusers on-disk format (as
+`StableDiffusion3Pipeline.save_pretrained` writes it), for tests and the demo: no download."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..tiny_text import tiny_clip_text_config, tiny_clip_tokenizer, tiny_t5_tokenizer, write_clip_tokenizer
+
+
+def build_tiny_sd3(folder: str | Path, *, num_layers: int = 2, with_t5: bool = True, seed: int = 0) -> Path:
+    """VAE scale factor 2 with 16 latent channels, transformer patch size 2: pixel sides divisible by 4.
+    CLIP-L and CLIP-G of width 32 (pooled 32 + 32), T5 d_model 64 = the joint attention width, which must
+    hold the two CLIPs' states side by side. The first block has SD3.5's second (dual) attention and
+    every block QK RMS-norm, as SD3.5 Medium. `with_t5=False` leaves text_encoder_3 out (zeros in its place)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    folder = Path(folder)
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer(pad_token="!")  # OpenCLIP-G pads with "!"
+    tokenizer_3 = tiny_t5_tokenizer() if with_t5 else None
+    with torch.random.fork_rng(devices=[]):  # seed every model without touching the caller's RNG
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModelWithProjection(tiny_clip_text_config(tokenizer))
+        torch.manual_seed(seed + 1)
+        text_encoder_2 = CLIPTextModelWithProjection(tiny_clip_text_config(tokenizer_2, hidden_act="gelu"))
+        text_encoder_3 = None
+        if with_t5:
+            torch.manual_seed(seed)
+            text_encoder_3 = T5EncoderModel(T5Config(
+                vocab_size=len(tokenizer_3), d_model=64, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+                feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=tokenizer_3.pad_token_id,
+                eos_token_id=tokenizer_3.eos_token_id, decoder_start_token_id=tokenizer_3.pad_token_id))
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
+            latent_channels=16, norm_num_groups=8, sample_size=32, scaling_factor=1.5305, shift_factor=0.0609,
+            use_quant_conv=False, use_post_quant_conv=False, force_upcast=True)
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(
+            sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=num_layers,
+            attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
+            pooled_projection_dim=2 * text_encoder.config.projection_dim, pos_embed_max_size=32,
+            dual_attention_layers=(0,), qk_norm="rms_norm")
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    # SD3.5 ships both CLIP tokenizers as vocab.json + merges.txt
+    write_clip_tokenizer(folder / "tokenizer", tokenizer)
+    write_clip_tokenizer(folder / "tokenizer_2", tokenizer_2)
+    return folder
