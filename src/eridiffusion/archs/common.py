@@ -27,6 +27,36 @@ def require_diffusers_folder(path: str, subfolders: list[str]) -> Path:
     return root
 
 
+# what ai-toolkit's noise_scheduler / sampler keys may say for a flow-matching model (ddpm: its default for both)
+FLOW_NAMES = ("flowmatch", "flow_match", "euler", "ddpm")
+
+
+def check_flow_model_keys(proc, arch: str, text_parts: tuple[str, ...], not_applicable: tuple[str, ...] = ()) -> None:
+    """Config keys a flow-matching model reads or refuses: model_paths names only its text parts, timestep_type is
+    a flow one, noise_scheduler/sampler may only say flow matching, and the DDPM-only keys (and the model's own
+    `not_applicable` train keys) are unset."""
+    from ..objectives import flow
+
+    tc, sampler = proc.train, proc.sample.sampler if proc.sample else "flowmatch"
+    unknown = set(proc.model.model_paths) - set(text_parts)
+    if unknown:
+        raise ValueError(f"model.model_paths: {sorted(unknown)} not supported for {arch} (use {', '.join(text_parts)}; "
+                         "the transformer is name_or_path, the VAE vae_path)")
+    if tc.timestep_type not in flow.TIMESTEP_TYPES:
+        raise ValueError(f"train.timestep_type '{tc.timestep_type}' is not supported yet for {arch} "
+                         f"(supported: {', '.join(flow.TIMESTEP_TYPES)})")
+    for key, value in (("train.noise_scheduler", tc.noise_scheduler), ("sample.sampler", sampler)):
+        if value not in FLOW_NAMES:
+            raise ValueError(f"{key} '{value}': {arch} trains and samples with flow matching; use 'flowmatch'")
+    for key, value in (("model.is_v_pred", proc.model.is_v_pred), ("train.snr_gamma", tc.snr_gamma),
+                       ("train.min_snr_gamma", tc.min_snr_gamma)):
+        if value:
+            raise ValueError(f"{key} applies to noise-prediction (DDPM) models, not to {arch}; remove it")
+    for key in not_applicable:
+        if getattr(tc, key):
+            raise ValueError(f"train.{key} does not apply to {arch}; remove it")
+
+
 def resolve_roots(model_cfg, components: list[str], main: str) -> tuple[Path | None, Path | None, Path]:
     """Where each part comes from: (single file of the `main` component or None, its diffusers folder or
     None, the diffusers folder of the other components). `name_or_path` may be a diffusers folder, a repo id

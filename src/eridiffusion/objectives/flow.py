@@ -91,3 +91,17 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+def training_loss(latents: torch.Tensor, predict, train_cfg, *, shift: FlowShift, seq_len: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    """The per-sample flow-matching loss of one batch: noise (with train.noise_offset), sigma drawn as
+    train.timestep_type says, `predict(noisy, sigma)` the model's velocity, weighted per timestep type."""
+    tc = train_cfg
+    noise = offset_noise(torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype),
+                         tc.noise_offset, generator)
+    u = uniform_quantiles(latents.shape[0], generator=generator, content_or_style=tc.content_or_style,
+                          min_step=tc.min_denoising_steps, max_step=tc.max_denoising_steps, num_steps=tc.num_train_timesteps)
+    sigma = sample_sigmas(tc.timestep_type, u, shift=shift, seq_len=seq_len)
+    pred = predict(noise_latents(latents, noise, sigma), sigma)
+    return per_sample_mse(pred, velocity_target(latents, noise)) * timestep_weights(tc.timestep_type, sigma)

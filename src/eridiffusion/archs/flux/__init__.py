@@ -12,8 +12,8 @@ from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 from ...objectives import flow
 from ...train.dtypes import DTYPES
 from ..base import LoraTargets, SampleRequest
-from ..common import (encode_latents, folder_fingerprint, load_text_encoder, load_vae, on_device, resolve_roots,
-                     save_lora_with_diffusers, write_diffusers_folder)
+from ..common import (check_flow_model_keys, encode_latents, folder_fingerprint, load_text_encoder, load_vae,
+                     on_device, resolve_roots, save_lora_with_diffusers, write_diffusers_folder)
 from ..blockwise import FrozenBase, finish_loaded, folder_readers, materialize, read_units
 from .formats import BLOCK_LISTS, load_flux_single_file
 from ..sources import find_tokenizer_files
@@ -21,7 +21,6 @@ from ..sources import find_tokenizer_files
 COMPONENTS = ["transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"]
 BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
 TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")  # what model.model_paths may name
-FLOW_NAMES = ("flowmatch", "flow_match", "euler", "ddpm")  # ddpm: ai-toolkit's default for both keys
 FILE_PREFIX = "transformer."  # diffusers' Flux LoRA layout, which ComfyUI's Flux loader also maps
 
 
@@ -44,22 +43,8 @@ class Flux:
         self.model_cfg, self.train_cfg = proc.model, proc.train
         self.device, self.dtype = device, dtype
         self.max_sequence_length = int({**self.model_kwargs, **proc.model.model_kwargs}["max_text_length"])
-        tc, sampler = self.train_cfg, proc.sample.sampler if proc.sample else "flowmatch"
-        unknown = set(proc.model.model_paths) - set(TEXT_PARTS)
-        if unknown:
-            raise ValueError(f"model.model_paths: {sorted(unknown)} not supported for flux (use {', '.join(TEXT_PARTS)}; "
-                             "the transformer is name_or_path, the VAE vae_path)")
-        if tc.timestep_type not in flow.TIMESTEP_TYPES:
-            raise ValueError(f"train.timestep_type '{tc.timestep_type}' is not supported yet for flux "
-                             f"(supported: {', '.join(flow.TIMESTEP_TYPES)})")
         # Flux is always trained and sampled with flow matching, as in ai-toolkit; these keys may only say so
-        for key, value in (("train.noise_scheduler", tc.noise_scheduler), ("sample.sampler", sampler)):
-            if value not in FLOW_NAMES:
-                raise ValueError(f"{key} '{value}': flux trains and samples with flow matching; use 'flowmatch'")
-        for key, value in (("model.is_v_pred", proc.model.is_v_pred), ("train.snr_gamma", tc.snr_gamma),
-                           ("train.min_snr_gamma", tc.min_snr_gamma)):
-            if value:
-                raise ValueError(f"{key} applies to noise-prediction (DDPM) models, not to flux; remove it")
+        check_flow_model_keys(proc, "flux", TEXT_PARTS)
 
     @staticmethod
     def build_tiny(folder, **kw):
@@ -149,18 +134,9 @@ class Flux:
 
     # ---- training ------------------------------------------------------------------------------
     def training_loss(self, latents, text, batch, generator):
-        tc = self.train_cfg
-        b, c, h, w = latents.shape
-        latents = latents.to(self.device, self.dtype)
-        noise = flow.offset_noise(torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype),
-                                  tc.noise_offset, generator)
-        u = flow.uniform_quantiles(b, generator=generator, content_or_style=tc.content_or_style,
-                                   min_step=tc.min_denoising_steps, max_step=tc.max_denoising_steps,
-                                   num_steps=tc.num_train_timesteps)
-        sigma = flow.sample_sigmas(tc.timestep_type, u, shift=self.shift, seq_len=(h // 2) * (w // 2))
-        noisy = flow.noise_latents(latents, noise, sigma)
-        pred = self.predict(noisy, sigma, text)
-        return flow.per_sample_mse(pred, flow.velocity_target(latents, noise)) * flow.timestep_weights(tc.timestep_type, sigma)
+        h, w = latents.shape[-2:]
+        return flow.training_loss(latents.to(self.device, self.dtype), lambda noisy, sigma: self.predict(noisy, sigma, text),
+                                  self.train_cfg, shift=self.shift, seq_len=(h // 2) * (w // 2), generator=generator)
 
     def predict(self, noisy: torch.Tensor, sigma: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
         b, c, h, w = noisy.shape

@@ -14,8 +14,8 @@ from ...objectives import flow
 from ...train.dtypes import DTYPES
 from ..base import LoraTargets, SampleRequest
 from ..blockwise import FrozenBase, finish_loaded, folder_readers, materialize, read_units
-from ..common import (encode_latents, folder_fingerprint, load_text_encoder, load_vae, on_device, resolve_roots,
-                     save_lora_with_diffusers, write_diffusers_folder)
+from ..common import (check_flow_model_keys, encode_latents, folder_fingerprint, load_text_encoder, load_vae,
+                     on_device, resolve_roots, save_lora_with_diffusers, write_diffusers_folder)
 from ..sources import find_tokenizer_files, resolve_model_source
 
 # text_encoder_3 / tokenizer_3 (T5) are optional: a folder without them conditions on zeros in T5's place
@@ -23,7 +23,6 @@ COMPONENTS = ["transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2
 T5_PARTS = ("text_encoder_3", "tokenizer_3")
 TEXT_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
 BLOCK_LISTS = ("transformer_blocks",)
-FLOW_NAMES = ("flowmatch", "flow_match", "euler", "ddpm")  # ddpm: ai-toolkit's default for both keys
 FILE_PREFIX = "transformer."  # diffusers' SD3 LoRA layout, which ComfyUI's SD3 loader also maps
 
 
@@ -39,25 +38,10 @@ class SD3:
         self.model_cfg, self.train_cfg = proc.model, proc.train
         self.device, self.dtype = device, dtype
         self.max_sequence_length = int({**self.model_kwargs, **proc.model.model_kwargs}["max_text_length"])
-        tc, sampler = self.train_cfg, proc.sample.sampler if proc.sample else "flowmatch"
         if proc.network is None:  # refused before loading, rather than at the first save (full_to_file)
             raise ValueError("a full fine-tune (no network section) is not supported yet for sd3: its single-file "
                              "(SAI MMDiT) layout is not written yet; add a network section (lora, lokr, ...)")
-        unknown = set(proc.model.model_paths) - set(TEXT_PARTS)
-        if unknown:
-            raise ValueError(f"model.model_paths: {sorted(unknown)} not supported for sd3 (use {', '.join(TEXT_PARTS)}; "
-                             "the transformer is name_or_path, the VAE vae_path)")
-        if tc.timestep_type not in flow.TIMESTEP_TYPES:
-            raise ValueError(f"train.timestep_type '{tc.timestep_type}' is not supported yet for sd3 "
-                             f"(supported: {', '.join(flow.TIMESTEP_TYPES)})")
-        for key, value in (("train.noise_scheduler", tc.noise_scheduler), ("sample.sampler", sampler)):
-            if value not in FLOW_NAMES:
-                raise ValueError(f"{key} '{value}': sd3 trains and samples with flow matching; use 'flowmatch'")
-        for key, value in (("model.is_v_pred", proc.model.is_v_pred), ("train.snr_gamma", tc.snr_gamma),
-                           ("train.min_snr_gamma", tc.min_snr_gamma),
-                           ("train.bypass_guidance_embedding", tc.bypass_guidance_embedding)):
-            if value:
-                raise ValueError(f"{key} does not apply to sd3; remove it")
+        check_flow_model_keys(proc, "sd3", TEXT_PARTS, not_applicable=("bypass_guidance_embedding",))
 
     @staticmethod
     def build_tiny(folder, **kw):
@@ -151,19 +135,10 @@ class SD3:
 
     # ---- training ------------------------------------------------------------------------------
     def training_loss(self, latents, text, batch, generator):
-        tc = self.train_cfg
-        b, c, h, w = latents.shape
-        latents = latents.to(self.device, self.dtype)
-        noise = flow.offset_noise(torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype),
-                                  tc.noise_offset, generator)
-        u = flow.uniform_quantiles(b, generator=generator, content_or_style=tc.content_or_style,
-                                   min_step=tc.min_denoising_steps, max_step=tc.max_denoising_steps,
-                                   num_steps=tc.num_train_timesteps)
+        h, w = latents.shape[-2:]
         p = self.transformer.config.patch_size
-        sigma = flow.sample_sigmas(tc.timestep_type, u, shift=self.shift, seq_len=(h // p) * (w // p))
-        noisy = flow.noise_latents(latents, noise, sigma)
-        pred = self.predict(noisy, sigma, text)
-        return flow.per_sample_mse(pred, flow.velocity_target(latents, noise)) * flow.timestep_weights(tc.timestep_type, sigma)
+        return flow.training_loss(latents.to(self.device, self.dtype), lambda noisy, sigma: self.predict(noisy, sigma, text),
+                                  self.train_cfg, shift=self.shift, seq_len=(h // p) * (w // p), generator=generator)
 
     def predict(self, noisy: torch.Tensor, sigma: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.transformer(
