@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from eridiffusion.adapters import LoraSpec, filter_names, inject_lora, lora_alphas, lora_state
 from eridiffusion.adapters.kohya import from_kohya, to_kohya
 from eridiffusion.archs.sdxl.tiny import euler_scheduler, tiny_sdxl_unet, tiny_sdxl_vae
-from eridiffusion.archs.tiny_text import tiny_clip_text_config, tiny_clip_tokenizer
+from eridiffusion.archs.tiny_parts import tiny_clip_text_config, tiny_clip_tokenizer
 
 CONVS = ["conv_in", "down_blocks.0.resnets.0.conv1", "down_blocks.0.downsamplers.0.conv",  # 3x3, the last stride 2
          "up_blocks.1.resnets.0.conv2", "up_blocks.0.resnets.0.conv_shortcut", "conv_out"]   # and a 1x1

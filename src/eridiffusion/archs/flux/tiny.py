@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..tiny_text import tiny_clip_text_config, tiny_clip_tokenizer, tiny_t5_tokenizer, write_clip_tokenizer
+from ..tiny_parts import (tiny_clip_text_config, tiny_clip_tokenizer, tiny_t5_config, tiny_t5_tokenizer, tiny_vae,
+                          write_clip_tokenizer)
 
 
 def build_tiny_flux(
@@ -27,8 +28,8 @@ def build_tiny_flux(
     VAE scale factor 2 with 4 latent channels, so the pixel height and width must be divisible
     by 4 (the pipeline packs 2x2 latent patches). Text dims: CLIP hidden 32, T5 d_model 32.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
 
     folder = Path(folder)
     tokenizer = tiny_clip_tokenizer()
@@ -38,38 +39,9 @@ def build_tiny_flux(
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(tiny_clip_text_config(tokenizer))
         torch.manual_seed(seed)
-        text_encoder_2 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer_2),
-                d_model=32,
-                d_kv=16,
-                d_ff=64,
-                num_layers=2,
-                num_heads=2,
-                feed_forward_proj="gated-gelu",  # T5 v1.1, as Flux's encoder
-                tie_word_embeddings=False,
-                pad_token_id=tokenizer_2.pad_token_id,
-                eos_token_id=tokenizer_2.eos_token_id,
-                decoder_start_token_id=tokenizer_2.pad_token_id,
-            )
-        )
+        text_encoder_2 = T5EncoderModel(tiny_t5_config(tokenizer_2, d_model=32))
         torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            block_out_channels=(16, 32),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=32,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            force_upcast=True,
-        )
+        vae = tiny_vae(4, scaling_factor=0.3611, shift_factor=0.1159, quant_convs=False)
         torch.manual_seed(seed)
         transformer = FluxTransformer2DModel(
             patch_size=1,

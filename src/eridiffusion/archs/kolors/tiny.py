@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..sdxl.tiny import euler_scheduler, tiny_sdxl_unet, tiny_sdxl_vae
-from ..tiny_text import tiny_sentencepiece_model
+from ..tiny_parts import tiny_sentencepiece_model
 
 MAX_SEQUENCE_LENGTH = 256  # KolorsPipeline's default prompt length; the rotary table covers it
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ..tiny_text import tiny_clip_text_config, tiny_clip_tokenizer, tiny_t5_tokenizer, write_clip_tokenizer
+from ..tiny_parts import (tiny_clip_text_config, tiny_clip_tokenizer, tiny_t5_config, tiny_t5_tokenizer, tiny_vae,
+                          write_clip_tokenizer)
 
 
 def build_tiny_sd3(folder: str | Path, *, num_layers: int = 2, with_t5: bool = True, seed: int = 0) -> Path:
@@ -15,8 +16,8 @@ def build_tiny_sd3(folder: str | Path, *, num_layers: int = 2, with_t5: bool = T
     CLIP-L and CLIP-G of width 32 (pooled 32 + 32), T5 d_model 64 = the joint attention width, which must
     hold the two CLIPs' states side by side. The first block has SD3.5's second (dual) attention and
     every block QK RMS-norm, as SD3.5 Medium. `with_t5=False` leaves text_encoder_3 out (zeros in its place)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
     folder = Path(folder)
     tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer(pad_token="!")  # OpenCLIP-G pads with "!"
@@ -29,16 +30,9 @@ def build_tiny_sd3(folder: str | Path, *, num_layers: int = 2, with_t5: bool = T
         text_encoder_3 = None
         if with_t5:
             torch.manual_seed(seed)
-            text_encoder_3 = T5EncoderModel(T5Config(
-                vocab_size=len(tokenizer_3), d_model=64, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
-                feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=tokenizer_3.pad_token_id,
-                eos_token_id=tokenizer_3.eos_token_id, decoder_start_token_id=tokenizer_3.pad_token_id))
+            text_encoder_3 = T5EncoderModel(tiny_t5_config(tokenizer_3, d_model=64))
         torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
-            latent_channels=16, norm_num_groups=8, sample_size=32, scaling_factor=1.5305, shift_factor=0.0609,
-            use_quant_conv=False, use_post_quant_conv=False, force_upcast=True)
+        vae = tiny_vae(16, scaling_factor=1.5305, shift_factor=0.0609, quant_convs=False)
         torch.manual_seed(seed)
         transformer = SD3Transformer2DModel(
             sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=num_layers,

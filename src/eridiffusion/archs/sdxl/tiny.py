@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..tiny_text import tiny_clip_text_config, tiny_clip_tokenizer, write_clip_tokenizer
+from ..tiny_parts import tiny_clip_text_config, tiny_clip_tokenizer, tiny_vae, write_clip_tokenizer
 
 ADDITION_TIME_EMBED_DIM = 8  # SDXL's is 256; 6 micro-conditioning numbers (sizes, crop) each get this many
 
@@ -93,21 +93,7 @@ def tiny_sdxl_unet(*, cross_attention_dim: int, pooled_dim: int, **extra):
 def tiny_sdxl_vae():
     """SDXL's VAE config (4 latent channels, scaling factor 0.13025, upcast to fp32, quant convs)
     with two levels, so a scale factor of 2."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    return tiny_vae(4, scaling_factor=0.13025)
 
 
 def euler_scheduler(*, num_train_timesteps: int, beta_end: float, prediction_type: str = "epsilon"):

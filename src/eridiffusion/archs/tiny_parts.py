@@ -1,4 +1,5 @@
-"""Tiny tokenizers and text-encoder configs for the tiny random model folders (`*_tiny.py`).
+"""Parts shared by the tiny random model folders (`archs/<name>/tiny.py`): tokenizers, text-encoder configs
+and the VAE.
 
 Every tokenizer here is built from a short built-in text, without a download, and saves in the
 same on-disk format as the released one it stands in for.
@@ -169,3 +170,27 @@ def tiny_sentencepiece_model(vocab_size: int = 512) -> bytes:
         minloglevel=2,
     )
     return out.getvalue()
+
+
+def tiny_t5_config(tokenizer, d_model: int):
+    """A 2-layer T5 v1.1 encoder config (gated GELU, untied embeddings, as Flux's and SD3's T5-XXL) of width
+    `d_model` for `tokenizer`'s vocabulary and special ids."""
+    from transformers import T5Config
+
+    return T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+                    feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+
+
+def tiny_vae(latent_channels: int, scaling_factor: float, shift_factor: float | None = None, quant_convs: bool = True):
+    """A two-level AutoencoderKL (scale factor 2, upcast to fp32) with the released model's latent channels,
+    scaling/shift factors and quant convs (SD/SDXL have them; Flux's and SD3's 16-channel VAEs do not)."""
+    from diffusers import AutoencoderKL
+
+    extra = {} if quant_convs else {"use_quant_conv": False, "use_post_quant_conv": False}
+    if shift_factor is not None:
+        extra["shift_factor"] = shift_factor
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
+                         latent_channels=latent_channels, norm_num_groups=8, sample_size=32,
+                         scaling_factor=scaling_factor, force_upcast=True, **extra)
