@@ -1,14 +1,8 @@
 #!/usr/bin/env bash
 # Issue 8 figures in one device call: the reference step and ours (quantized, capped at 24 GiB, block swap),
 # output errors of each storage, host RAM while loading a full-size file. Usage: bash bench/gpu_issue8.sh PART
-# Before the device call, here: the wheels in .whl/ (diffusers, torchao, pydantic and its parts; see the device
-# tool notes) and `cp ../shared/bench/reference_step.py .whl/` (only the repo travels); carry .whl.
-set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:src || exit 1
-export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
-O=${OUT:-/tmp}
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-ours() { echo "== ${*:2}" >> $O/ours.log; timeout "$1" python3 bench/lora_step.py "${@:2}" >> $O/ours.log 2>&1; tail -1 $O/ours.log; }
+# (set-up: bench/device_env.sh).
+. bench/device_env.sh
 case "$1" in
 1)
   timeout 150 python3 .whl/reference_step.py flux_bs1_ckpt 2>&1 | tail -2 | tee $O/ref.log

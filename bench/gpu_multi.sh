@@ -1,12 +1,9 @@
 #!/usr/bin/env bash
 # Issue 10's figures on the 2-GPU machine (device kind nvidia-h200-x2), one device call: data-parallel FLUX.1 and
-# SDXL LoRA on 1 and 2 GPUs, and one FSDP2 full fine-tune step of FLUX.1 on 2. Set-up as bench/gpu_issue8.sh says
-# (wheels in .whl/, carry .whl). NVLink multicast stays off (NCCL_NVLS_ENABLE=0), as the device notes ask.
-set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:src || exit 1
-export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor NCCL_NVLS_ENABLE=0
-O=${OUT:-/tmp}
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+# SDXL LoRA on 1 and 2 GPUs, and one FSDP2 full fine-tune step of FLUX.1 on 2 (set-up: bench/device_env.sh).
+# NVLink multicast stays off (NCCL_NVLS_ENABLE=0), as the device notes ask.
+. bench/device_env.sh
+export NCCL_NVLS_ENABLE=0
 dp() { echo "== $*" >> $O/dp.log; timeout 240 python3 -m torch.distributed.run --standalone --nproc-per-node "$@" >> $O/dp.log 2>&1; grep '^{' $O/dp.log | tail -1; }
 case "$1" in
 lora)

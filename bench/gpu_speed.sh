@@ -1,13 +1,8 @@
 #!/usr/bin/env bash
-# Issue 8's speed items in one device call each: fp8 tensor-core matmuls for Flux, partial checkpointing,
-# whole-graph compile and CUDA graphs for the launch-bound SDXL step, beside the reference step.
-# Usage: bash bench/gpu_speed.sh PART (set-up as bench/gpu_issue8.sh says: wheels and reference_step.py in .whl/).
-set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:src || exit 1
-export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
-O=${OUT:-/tmp}
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-ours() { echo "== ${*:2}" >> $O/ours.log; timeout "$1" python3 bench/lora_step.py "${@:2}" >> $O/ours.log 2>&1; tail -1 $O/ours.log; }
+# Issue 8's speed items, one device call per part: fp8 tensor-core matmuls and blocks kept out of checkpointing
+# for Flux, checkpointing off for SDXL, a profile, SDPA backends, beside the reference step.
+# Usage: bash bench/gpu_speed.sh PART (set-up: bench/device_env.sh).
+. bench/device_env.sh
 case "$1" in
 sdxl)
   timeout 120 python3 .whl/reference_step.py sdxl_bs1_ckpt 2>&1 | tail -2 | tee -a $O/ref.log
