@@ -287,6 +287,7 @@ class Run:
         if tc.attention_backend != "native":
             self.arch.denoiser.set_attention_backend(tc.attention_backend)
         self.sharded = None
+        blocks = [b for name in self.arch.block_lists for b in getattr(self.arch.denoiser, name)]
         if self.full:
             self.components = {}
             self.params, groups = self._full_params()
@@ -294,7 +295,6 @@ class Run:
                 if tc.ema_config.use_ema or proc.save.save_format == "diffusers":
                     raise ValueError("a full fine-tune on several processes (sharded) does not support "
                                      "train.ema_config.use_ema or save.save_format: diffusers yet; remove them")
-                blocks = [b for name in self.arch.block_lists for b in getattr(self.arch.denoiser, name)]
                 distributed.shard(self.arch.denoiser, blocks, self.device)
                 self.sharded = self.arch.denoiser
                 self.params = [p for p in self.arch.denoiser.parameters() if p.requires_grad]  # now shards
@@ -309,7 +309,6 @@ class Run:
         for p in self.params:  # LoRA of blocks kept in host memory (block swap) still trains on the device
             p.data = p.data.to(self.device)
         checkpointing = self.memory_plan.checkpointing if self.memory_plan else tc.gradient_checkpointing
-        blocks = [b for name in self.arch.block_lists for b in getattr(self.arch.denoiser, name)]
         if checkpointing:
             enable_checkpointing(self.arch.denoiser, whole=blocks[:self.memory_plan.whole_blocks if self.memory_plan else 0])
         self.block_swap = None
@@ -345,7 +344,7 @@ class Run:
             self.ema = EMAModel(self.params, decay=tc.ema_config.ema_decay, foreach=True)
         ddp = None
         if self.processes.world > 1 and not self.full:
-            trained = {name: t.module for name, t in self.components.items()} or {"denoiser": self.arch.denoiser}
+            trained = {name: t.module for name, t in self.components.items()}
             ddp = data_parallel(self.arch, trained, self.device, some_unused=bool(net.network_kwargs.module_dropout))
         self.stepper = Stepper(self.arch, self.params, self.optimizer, self.scheduler, dtype=self.dtype,
                                max_grad_norm=0 if tc.fused_backward or self.state_on_host else tc.max_grad_norm,
