@@ -2,10 +2,13 @@
 checkpointing, bf16, AdamW, regional compile) under DDP, or one FSDP2 full fine-tune step of FLUX.1 (`--full`),
 through the same code a run uses (train/distributed.py, Stepper). Start it with torchrun, once per GPU count:
 
-  PYTHONPATH=src torchrun --standalone --nproc-per-node N bench/dp_step.py {flux|sdxl} [--full]
+  PYTHONPATH=src torchrun --standalone --nproc-per-node N bench/dp_step.py {flux|sdxl} [--full] [--profile]
 
 Prints (process 0) images/s over all GPUs, s/step and the peak memory of every GPU; scaling efficiency is
-images/s on N GPUs / (N x images/s on 1).
+images/s on N GPUs / (N x images/s on 1). `--profile` adds, from torch.profiler over 2 steps of process 0, the
+GPU time per step in NCCL kernels (communication) and in all other kernels (compute); with DDP the all-reduce
+overlaps the backward, so what communication costs the step is at most step time - compute time ("exposed").
+Without a GPU (`--small`: the same classes a few widths wide, gloo, eager) it tries the script on the CPU.
 """
 import argparse
 import importlib.util
@@ -40,17 +43,21 @@ def main():
     ap.add_argument("arch", choices=["flux", "sdxl"])
     ap.add_argument("--full", action="store_true", help="FSDP2 full fine-tune of the blocks instead of LoRA")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--small", action="store_true", help="tiny widths (a CPU try of the script)")
     args = ap.parse_args()
-    processes, dev = distributed.start(torch.device("cuda"))
+    cuda = torch.cuda.is_available()
+    processes, dev = distributed.start(torch.device("cuda" if cuda else "cpu"))
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     cfg = {"job": "extension", "config": {"name": "bench", "process": [{
-        "type": "sd_trainer", "device": "cuda:0", "datasets": [{"folder_path": "unused"}],
+        "type": "sd_trainer", "device": str(dev), "datasets": [{"folder_path": "unused"}],
         "model": {"name_or_path": "unused", "arch": args.arch},
         "train": {"batch_size": 1, "lr": 1e-4, "optimizer": "adamw", "dtype": "bf16", "gradient_checkpointing": True}}]}}
     if not args.full:
         cfg["config"]["process"][0]["network"] = {"type": "lora", "linear": 16, "linear_alpha": 16}
     arch = get_arch_class(args.arch)(parse_config(cfg).config.process[0], dev, torch.bfloat16)
     arch.base = FrozenBase(dev, torch.bfloat16, quantizer=Quantizer(None))
-    model, batch = lora_step.build(args.arch, arch, dev, 1)
+    model, batch = lora_step.build(args.arch, arch, dev, 1, small=args.small)
     blocks = [b for n in arch.block_lists for b in getattr(model, n)]
     ddp = sharded = None
     if args.full:
@@ -70,7 +77,8 @@ def main():
             p.data = p.data.to(dev)
         enable_checkpointing(model)
     model.train()
-    compile_denoiser(model)
+    if cuda:
+        compile_denoiser(model)
     if processes.world > 1 and not args.full:
         ddp = distributed.data_parallel(arch, {"denoiser": model}, dev)
     opt = build_optimizer("adamw", params, 1e-4, {})
@@ -79,27 +87,50 @@ def main():
                       sharded=sharded, processes=processes)
     for _ in range(4):
         stepper.step([batch])
-    torch.cuda.synchronize()
+    sync()
     processes.barrier()
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     for _ in range(args.steps):
         stepper.step([batch])
-    torch.cuda.synchronize()
+    sync()
     processes.barrier()
     step_s = (time.perf_counter() - t) / args.steps
-    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=dev)
+    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0], device=dev)
     peaks = [torch.zeros_like(peak) for _ in range(processes.world)] if processes.world > 1 else [peak]
     if processes.world > 1:
         dist.all_gather(peaks, peak)
     key = f"{args.arch}_{'fsdp_full' if args.full else 'ddp_lora'}_{processes.world}gpu"
     result = {key: {"gpus": processes.world, "step_s": round(step_s, 4), "images_per_s": round(processes.world / step_s, 3),
                     "peak_gib_per_gpu": [round(float(p), 2) for p in peaks], "trained_params": sum(p.numel() for p in params)}}
+    if args.profile:
+        result[key].update(split(stepper, batch, sync))
     if processes.main:
         print(json.dumps(result), flush=True)
         if os.environ.get("OUT"):
             json.dump(result, open(os.path.join(os.environ["OUT"], f"{key}.json"), "w"))
     distributed.stop()
+
+
+def split(stepper, batch, sync, steps=2):
+    """GPU milliseconds per step in NCCL kernels and in the rest, from the profiler (every process profiles, so
+    collectives are not held back waiting for one)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * torch.cuda.is_available()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            stepper.step([batch])
+        sync()
+    comm = compute = 0.0
+    for e in prof.events():
+        us = e.time_range.elapsed_us() if e.device_type == torch.autograd.DeviceType.CUDA else 0.0
+        if "nccl" in e.name.lower():
+            comm += us
+        else:
+            compute += us
+    return {"gpu_compute_ms_per_step": round(compute / 1e3 / steps, 1), "gpu_nccl_ms_per_step": round(comm / 1e3 / steps, 1)}
 
 
 if __name__ == "__main__":

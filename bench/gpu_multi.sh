@@ -1,18 +1,16 @@
 #!/usr/bin/env bash
-# Issue 10's figures on the 2-GPU machine (device kind nvidia-h200-x2), one device call: data-parallel FLUX.1 and
-# SDXL LoRA on 1 and 2 GPUs, and one FSDP2 full fine-tune step of FLUX.1 on 2 (set-up: bench/device_env.sh).
-# NVLink multicast stays off (NCCL_NVLS_ENABLE=0), as the device notes ask.
+# Issues 10 and 13, one device call per mode on a machine of several GPUs (kind nvidia-h200-x2 or -x4):
+#   bash bench/gpu_multi.sh lora "1 2 4"   data-parallel FLUX.1 and SDXL LoRA on each GPU count
+#   bash bench/gpu_multi.sh full "1 2 4"   one FSDP2 full fine-tune of FLUX.1 on each GPU count
+# Each run prints one JSON line (bench/dp_step.py --profile: images/s, s/step, peak per GPU, GPU compute and NCCL
+# ms per step). Set-up: bench/device_env.sh. NVLink multicast stays off, as the device notes ask.
 . bench/device_env.sh
-export NCCL_NVLS_ENABLE=0
-dp() { echo "== $*" >> $O/dp.log; timeout 240 python3 -m torch.distributed.run --standalone --nproc-per-node "$@" >> $O/dp.log 2>&1; grep '^{' $O/dp.log | tail -1; }
-case "$1" in
-lora)
-  dp 1 bench/dp_step.py flux
-  dp 2 bench/dp_step.py flux
-  dp 1 bench/dp_step.py sdxl
-  dp 2 bench/dp_step.py sdxl
-  ;;
-full)
-  dp 2 bench/dp_step.py flux --full --steps 4
-  ;;
-esac
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+nvidia-smi topo -m > $O/topo.txt 2>&1; head -8 $O/topo.txt
+dp() { echo "== $*" >> $O/dp.log; timeout 280 python3 -m torch.distributed.run --standalone --nproc-per-node "$@" --profile >> $O/dp.log 2>&1; grep '^{' $O/dp.log | tail -1; }
+for n in $2; do
+  case "$1" in
+  lora) dp $n bench/dp_step.py flux; dp $n bench/dp_step.py sdxl ;;
+  full) dp $n bench/dp_step.py flux --full --steps 4 ;;
+  esac
+done

@@ -35,8 +35,9 @@ torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention backward fails on Flux shapes (torch 2.11 + CUDA 13)
 
 
-def build(arch_name, arch, dev, bs, finish=True):
-    """The full-size denoiser with random weights, its scheduler, and one batch of latents/text."""
+def build(arch_name, arch, dev, bs, finish=True, small=False):
+    """The full-size denoiser with random weights, its scheduler, and one batch of latents/text. `small`: the
+    same classes a few widths wide, to try a script on the CPU before a device call."""
     g = torch.Generator(dev).manual_seed(0)
     r = lambda *s: torch.randn(*s, device=dev, dtype=torch.bfloat16, generator=g)
     torch.set_default_dtype(torch.bfloat16)
@@ -44,22 +45,30 @@ def build(arch_name, arch, dev, bs, finish=True):
         if arch_name == "flux":
             from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
-            model = FluxTransformer2DModel(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
-                                           joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                                           axes_dims_rope=(16, 56, 56))
+            size = dict(num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                        pooled_projection_dim=16, axes_dims_rope=(4, 6, 6)) if small else dict(
+                        num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+                        joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56))
+            model = FluxTransformer2DModel(guidance_embeds=True, **size)
             scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
-            latents, text = r(bs, 16, 128, 128), {"prompt_embeds": r(bs, 512, 4096), "pooled_prompt_embeds": r(bs, 768)}
+            side, tokens = (16, 8) if small else (128, 512)
+            latents = r(bs, 16, side, side)
+            text = {"prompt_embeds": r(bs, tokens, size["joint_attention_dim"]), "pooled_prompt_embeds": r(bs, size["pooled_projection_dim"])}
         else:
             from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
 
+            size = dict(sample_size=16, block_out_channels=(32, 64, 64), cross_attention_dim=32, transformer_layers_per_block=(1, 1, 1),
+                        attention_head_dim=(2, 4, 4), addition_time_embed_dim=8, projection_class_embeddings_input_dim=64) if small else dict(
+                        sample_size=128, block_out_channels=(320, 640, 1280), cross_attention_dim=2048, transformer_layers_per_block=(1, 2, 10),
+                        attention_head_dim=(5, 10, 20), addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
             model = UNet2DConditionModel(
-                sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                in_channels=4, out_channels=4, layers_per_block=2, use_linear_projection=True, addition_embed_type="text_time",
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2048,
-                transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
-                addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), **size)
             scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-            latents, text = r(bs, 4, 128, 128), {"prompt_embeds": r(bs, 77, 2048), "pooled_prompt_embeds": r(bs, 1280)}
+            side, width = size["sample_size"], size["cross_attention_dim"]
+            pooled = size["projection_class_embeddings_input_dim"] - 6 * size["addition_time_embed_dim"]
+            latents, text = r(bs, 4, side, side), {"prompt_embeds": r(bs, 77, width), "pooled_prompt_embeds": r(bs, pooled)}
     torch.set_default_dtype(torch.float32)
     model._eri_finished = not finish  # --error quantizes it after a bf16 forward
     arch.attach(**{"transformer" if arch_name == "flux" else "unet": model}, scheduler=scheduler)
