@@ -7,7 +7,8 @@
 . bench/device_env.sh
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi topo -m > $O/topo.txt 2>&1; head -8 $O/topo.txt
-dp() { echo "== $*" >> $O/dp.log; timeout 280 python3 -m torch.distributed.run --standalone --nproc-per-node "$@" --profile >> $O/dp.log 2>&1; grep '^{' $O/dp.log | tail -1; }
+dp() { echo "== $*" >> $O/dp.log; timeout 280 python3 -m torch.distributed.run --standalone --nproc-per-node "$@" --profile >> $O/dp.log 2>&1 \
+       && grep '^{' $O/dp.log | tail -1 || echo "FAILED: $* (see dp.log)"; }
 for n in $2; do
   case "$1" in
   lora) dp $n bench/dp_step.py flux; dp $n bench/dp_step.py sdxl ;;
