@@ -5,9 +5,10 @@ through the same code a run uses (train/distributed.py, Stepper). Start it with 
   PYTHONPATH=src torchrun --standalone --nproc-per-node N bench/dp_step.py {flux|sdxl} [--full] [--profile]
 
 Prints (process 0) images/s over all GPUs, s/step and the peak memory of every GPU; scaling efficiency is
-images/s on N GPUs / (N x images/s on 1). `--profile` adds, from torch.profiler over 2 steps of process 0, the
-GPU time per step in NCCL kernels (communication) and in all other kernels (compute); with DDP the all-reduce
-overlaps the backward, so what communication costs the step is at most step time - compute time ("exposed").
+images/s on N GPUs / (N x images/s on 1). `--profile` adds, from torch.profiler over 2 steps, the profiled step
+time and the GPU time per step in NCCL kernels and in all other kernels (compute). NCCL kernels also count the
+time they wait for the slowest process, and the all-reduce overlaps the backward, so for DDP it also times the
+same steps with no gradient all-reduce (DDP's no_sync): step_s - step_s_no_allreduce is what communication costs.
 Without a GPU (`--small`: the same classes a few widths wide, gloo, eager) it tries the script on the CPU.
 """
 import argparse
@@ -106,6 +107,14 @@ def main():
                     "peak_gib_per_gpu": [round(float(p), 2) for p in peaks], "trained_params": sum(p.numel() for p in params)}}
     if args.profile:
         result[key].update(split(stepper, batch, sync))
+        if ddp is not None:
+            t = time.perf_counter()
+            with ddp.no_sync():
+                for _ in range(args.steps):
+                    stepper.step([batch])
+            sync()
+            processes.barrier()
+            result[key]["step_s_no_allreduce"] = round((time.perf_counter() - t) / args.steps, 4)
     if processes.main:
         print(json.dumps(result), flush=True)
         if os.environ.get("OUT"):
@@ -119,10 +128,12 @@ def split(stepper, batch, sync, steps=2):
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * torch.cuda.is_available()
+    t = time.perf_counter()
     with profile(activities=activities) as prof:
         for _ in range(steps):
             stepper.step([batch])
         sync()
+    wall = (time.perf_counter() - t) / steps
     comm = compute = 0.0
     for e in prof.events():
         us = e.time_range.elapsed_us() if e.device_type == torch.autograd.DeviceType.CUDA else 0.0
@@ -130,7 +141,7 @@ def split(stepper, batch, sync, steps=2):
             comm += us
         else:
             compute += us
-    return {"gpu_compute_ms_per_step": round(compute / 1e3 / steps, 1), "gpu_nccl_ms_per_step": round(comm / 1e3 / steps, 1)}
+    return {"profiled_step_s": round(wall, 4), "gpu_compute_ms_per_step": round(compute / 1e3 / steps, 1), "gpu_nccl_ms_per_step": round(comm / 1e3 / steps, 1)}
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issues 10 and 13, one device call per mode on a machine of several GPUs (kind nvidia-h200-x2 or -x4):
-#   bash bench/gpu_multi.sh lora "1 2 4"   data-parallel FLUX.1 and SDXL LoRA on each GPU count
+#   bash bench/gpu_multi.sh lora "1 2 4" ["flux sdxl"]   data-parallel FLUX.1 and SDXL LoRA on each GPU count
 #   bash bench/gpu_multi.sh full "1 2 4"   one FSDP2 full fine-tune of FLUX.1 on each GPU count
 # Each run prints one JSON line (bench/dp_step.py --profile: images/s, s/step, peak per GPU, GPU compute and NCCL
 # ms per step). Set-up: bench/device_env.sh. NVLink multicast stays off, as the device notes ask.
@@ -11,7 +11,7 @@ dp() { echo "== $*" >> $O/dp.log; timeout 280 python3 -m torch.distributed.run -
        && grep '^{' $O/dp.log | tail -1 || echo "FAILED: $* (see dp.log)"; }
 for n in $2; do
   case "$1" in
-  lora) dp $n bench/dp_step.py flux; dp $n bench/dp_step.py sdxl ;;
+  lora) for a in ${3:-flux sdxl}; do dp $n bench/dp_step.py $a; done ;;
   full) dp $n bench/dp_step.py flux --full --steps 4 ;;
   esac
 done
