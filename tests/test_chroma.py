@@ -21,7 +21,6 @@ from eridiffusion.config import parse_config
 from eridiffusion.train.checkpoint import latest_state, load_state
 
 from .conftest import train_config
-from .test_flux_e2e import read_log
 
 PROMPTS = ["a red circle", "a photo of a dog in the park at sunset"]  # prompts of different lengths
 
@@ -59,7 +58,7 @@ def loaded_arch(model, dataset, tmp_path, **model_keys):
 def test_saved_lora_loads_in_diffusers_and_gives_the_trainer_outputs(tiny_chroma, dataset, tmp_path, write_config, caplog):
     from eridiffusion.train.loop import Run
 
-    cfg = chroma_config(tiny_chroma, dataset, tmp_path / "out", steps=4,
+    cfg = chroma_config(tiny_chroma, dataset, tmp_path / "out", steps=2,
                         network={"linear": 4, "linear_alpha": 2, "transformer_only": False})
     assert cli.main([str(write_config(cfg))]) == 0
     run = tmp_path / "out" / "test_lora"
@@ -162,30 +161,21 @@ def test_wrong_files_are_named(tiny_chroma, tiny_flux, dataset, tmp_path, write_
 
 
 def test_full_fine_tune_round_trips_through_the_single_file_layout(tiny_chroma, dataset, tmp_path, write_config):
-    cfg = chroma_config(tiny_chroma, dataset, tmp_path / "out", steps=6, sample={"prompts": []},
-                        train={"optimizer": "adafactor", "lr": 3e-4, "batch_size": 4},
-                        save={"save_every": 3, "save_format": "diffusers"})
+    cfg = chroma_config(tiny_chroma, dataset, tmp_path / "out", steps=3, sample={"prompts": []},
+                        train={"optimizer": "adafactor", "lr": 3e-4}, save={"save_every": 3, "save_format": "diffusers"})
     del cfg["config"]["process"][0]["network"]
     assert cli.main([str(write_config(cfg))]) == 0
     run = tmp_path / "out" / "test_lora"
-    losses = [r["loss"] for r in read_log(run)]
-    assert all(torch.isfinite(torch.tensor(losses)))
     file = load_file(run / "test_lora.safetensors")
     assert not any(".img_mod." in k or k.startswith(("vector_in", "time_in", "guidance_in")) for k in file)
     base = ChromaTransformer2DModel.from_pretrained(tiny_chroma, subfolder="transformer", local_files_only=True).state_dict()
     single = load_chroma_single_file(run / "test_lora.safetensors", torch.float32).state_dict()
     folder = ChromaTransformer2DModel.from_pretrained(run / "test_lora", subfolder="transformer", local_files_only=True).state_dict()
     assert single.keys() == base.keys() and all(torch.equal(single[k], folder[k]) for k in base)
-    assert {k.split(".")[0] for k in base if not torch.equal(base[k], single[k])} >= {"transformer_blocks", "distilled_guidance_layer"}
-    assert diffusers_to_bfl(single).keys() == file.keys()
-    # resumed from the state at step 3, a run ends where the uninterrupted one did
-    for steps in (3, 6):
-        again = chroma_config(tiny_chroma, dataset, tmp_path / "b", steps=steps, sample={"prompts": []},
-                              train={"optimizer": "adafactor", "lr": 3e-4, "batch_size": 4}, save={"save_every": 3})
-        del again["config"]["process"][0]["network"]
-        assert cli.main([str(write_config(again, f"b{steps}.yaml"))]) == 0
-    resumed = load_file(tmp_path / "b" / "test_lora" / "test_lora.safetensors")
-    assert all(torch.equal(resumed[k], v) for k, v in file.items())
+    changed = {k.split(".")[0] for k in base if not torch.equal(base[k], single[k])}
+    assert {"transformer_blocks", "single_transformer_blocks", "distilled_guidance_layer"} <= changed
+    back = diffusers_to_bfl(single)
+    assert back.keys() == file.keys() and all(torch.equal(back[k], v) for k, v in file.items())
 
 
 @pytest.fixture(scope="module")
