@@ -135,20 +135,24 @@ class Chroma:
 
     def predict(self, noisy: torch.Tensor, sigma: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
         """The velocity for each sample, its prompt cut to its unmasked tokens; samples whose prompts keep as many
-        tokens go through the transformer together."""
+        tokens go through the transformer together. A model sharded over several processes (FSDP2) takes one sample
+        per call, so that every process runs as many calls, hence the same collectives."""
+        from torch.distributed.fsdp import FSDPModule
+
         b, c, h, w = noisy.shape
         packed = ChromaPipeline._pack_latents(noisy, b, c, h, w)
         img_ids = ChromaPipeline._prepare_latent_image_ids(b, h // 2, w // 2, self.device, self.dtype)
         embeds = text["prompt_embeds"].to(self.device, self.dtype)
         lengths = text["attention_mask"].to(self.device).sum(1)  # the unmasked tokens come first
-        rows, outs = [], []
-        for n in lengths.unique().tolist():
-            group = (lengths == n).nonzero().flatten()
-            rows.append(group)
+        groups = (list(torch.arange(b, device=self.device)[:, None]) if isinstance(self.transformer, FSDPModule)
+                  else [(lengths == n).nonzero().flatten() for n in lengths.unique()])
+        outs = []
+        for group in groups:
+            n = int(lengths[group[0]])
             outs.append(self.transformer(
                 hidden_states=packed[group], encoder_hidden_states=embeds[group, :n], timestep=sigma[group].to(self.dtype),
                 img_ids=img_ids, txt_ids=torch.zeros(n, 3, device=self.device, dtype=self.dtype), return_dict=False)[0])
-        out = torch.cat(outs)[torch.argsort(torch.cat(rows))]
+        out = torch.cat(outs)[torch.argsort(torch.cat(groups))]
         return ChromaPipeline._unpack_latents(out, h * self.vae_scale_factor, w * self.vae_scale_factor, self.vae_scale_factor)
 
     # ---- LoRA ----------------------------------------------------------------------------------
