@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from eridiffusion.archs.chroma.tiny import build_tiny_chroma
 from eridiffusion.archs.flux.tiny import build_tiny_flux
 from eridiffusion.archs.kolors.tiny import build_tiny_kolors
 from eridiffusion.archs.sd3.tiny import build_tiny_sd3
@@ -42,6 +43,11 @@ def tiny_kolors(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sd3(tmp_path_factory) -> Path:
     return build_tiny_sd3(tmp_path_factory.mktemp("models") / "tiny-sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_chroma(tmp_path_factory) -> Path:
+    return build_tiny_chroma(tmp_path_factory.mktemp("models") / "tiny-chroma")
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""ai-toolkit's own FLUX.1 / Flex.1 / schnell / SD 3.5 example configs, verbatim from ../shared/aitk-examples/, run
+"""ai-toolkit's own FLUX.1 / Flex.1 / schnell / SD 3.5 / Chroma example configs, verbatim from ../shared/aitk-examples/, run
 through the CLI with only paths, sizes and the CUDA-only optimizer changed. The README's list of examples
 that run is this test's list."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from eridiffusion import cli
 EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "aitk-examples"
 RUNS = ["train_lora_flux_24gb.yaml", "train_lora_flex_24gb.yaml", "train_lora_flux_schnell_24gb.yaml",
         "modal/modal_train_lora_flux_24gb.yaml", "modal/modal_train_lora_flux_schnell_24gb.yaml",
-        "train_full_fine_tune_flex.yaml", "train_lora_sd35_large_24gb.yaml"]
+        "train_full_fine_tune_flex.yaml", "train_lora_sd35_large_24gb.yaml", "train_lora_chroma_24gb.yaml"]
 
 
 def adapted(example: str, model: Path, data: Path, out: Path, assistant: Path | None) -> dict:
@@ -53,9 +53,9 @@ def tiny_adapter(model: Path, path: Path) -> Path:
 
 
 @pytest.mark.parametrize("example", RUNS)
-def test_ai_toolkit_example_runs(example, tiny_flux, tiny_flux_schnell, tiny_sd3, dataset, tmp_path, write_config):
-    model = tiny_sd3 if "sd35" in example else tiny_flux_schnell if "schnell" in example else tiny_flux
-    adapter = None if "sd35" in example else tiny_adapter(model, tmp_path / "adapter.safetensors")
+def test_ai_toolkit_example_runs(example, tiny_flux, tiny_flux_schnell, tiny_sd3, tiny_chroma, dataset, tmp_path, write_config):
+    model = tiny_sd3 if "sd35" in example else tiny_chroma if "chroma" in example else tiny_flux_schnell if "schnell" in example else tiny_flux
+    adapter = None if "sd35" in example or "chroma" in example else tiny_adapter(model, tmp_path / "adapter.safetensors")
     cfg = adapted(example, model, dataset, tmp_path / "out", adapter)
     proc = cfg["config"]["process"][0]
     assert proc["model"].get("quantize") or proc["model"].get("quantize_te")  # each quantizes (qfloat8)

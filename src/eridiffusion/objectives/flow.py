@@ -21,6 +21,12 @@ class FlowShift:
     base_shift: float = 0.5
     max_shift: float = 1.15
 
+    @classmethod
+    def from_scheduler(cls, config) -> FlowShift:
+        """The shift a FlowMatchEulerDiscreteScheduler's config samples with."""
+        return cls(shift=config.shift, dynamic=bool(config.use_dynamic_shifting), base_seq_len=config.base_image_seq_len,
+                   max_seq_len=config.max_image_seq_len, base_shift=config.base_shift, max_shift=config.max_shift)
+
     def mu(self, seq_len: int) -> float:
         slope = (self.max_shift - self.base_shift) / (self.max_seq_len - self.base_seq_len)
         return self.base_shift + slope * (seq_len - self.base_seq_len)

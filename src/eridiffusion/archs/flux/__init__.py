@@ -108,10 +108,7 @@ class Flux:
         self.pipe.set_progress_bar_config(disable=True)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.bucket_divisibility = self.vae_scale_factor * 2
-        sched = scheduler.config
-        self.shift = flow.FlowShift(shift=sched.shift, dynamic=bool(sched.use_dynamic_shifting),
-                                    base_seq_len=sched.base_image_seq_len, max_seq_len=sched.max_image_seq_len,
-                                    base_shift=sched.base_shift, max_shift=sched.max_shift)
+        self.shift = flow.FlowShift.from_scheduler(scheduler.config)
         self.denoiser = transformer
 
     def drop_text_encoders(self) -> None:
@@ -223,29 +220,9 @@ class Flux:
         """trainer lora merge: ({component: module}, write(output), read(file tensors) -> states) for the base as
         the user keeps it: a diffusers folder is written as a folder (the other components linked or copied), a BFL
         single file as one."""
-        from safetensors.torch import save_file
+        from .formats import diffusers_to_bfl
 
-        from ..blockwise import SafetensorsReader
-        from .formats import PREFIXES, diffusers_to_bfl
-        from ..sources import resolve_model_source
-
-        src = resolve_model_source(base, key="--base")
-        if src.kind == "single_file":
-            reader = SafetensorsReader(src.path)
-            dtype = next((reader.dtype(k) for k in reader.keys() if reader.dtype(k) in (torch.float32, torch.float16)),
-                         torch.bfloat16)  # float8 files are merged and written in bf16
-            prefix = next((p for p in PREFIXES if any(k.startswith(p) for k in reader.keys())), "")
-            model = load_flux_single_file(src.path, dtype)
-
-            def write(out: Path) -> None:
-                save_file({prefix + k: v.contiguous() for k, v in diffusers_to_bfl(model.state_dict()).items()}, str(out))
-            return {"transformer": model}, write, _read_any
-        root = Path(src.path)
-        reader = next(iter(folder_readers(root / "transformer").values()))
-        dtype = next(reader.dtype(k) for k in reader.keys() if reader.dtype(k).is_floating_point)  # as stored
-        model = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype, local_files_only=True)
-
-        return {"transformer": model}, lambda out: write_diffusers_folder(root, out, {"transformer": model}), _read_any
+        return open_transformer_for_merge(base, FluxTransformer2DModel, load_flux_single_file, diffusers_to_bfl, read_any_lora)
 
     # ---- previews ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -269,6 +246,33 @@ def _bfl_module_names() -> list[str]:
     return sorted({k.rsplit(".", 1)[0] for k in diffusers_to_bfl(model.state_dict())})
 
 
-def _read_any(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+def read_any_lora(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """A Flux LoRA file in any layout lora_to_layout reads -> {"transformer": peft-named state}."""
     return Flux.lora_from_file(None, Flux.lora_to_layout(tensors, "diffusers"))
+
+
+def open_transformer_for_merge(base: str, model_cls, load_single_file, to_bfl, read_any):
+    """Flux.open_for_merge for any transformer of the family: `load_single_file(path, dtype)` reads its BFL-style
+    single file, `to_bfl` writes one back, `model_cls.from_pretrained` reads its diffusers folder."""
+    from safetensors.torch import save_file
+
+    from ..blockwise import SafetensorsReader
+    from ..sources import resolve_model_source
+    from .formats import PREFIXES
+
+    src = resolve_model_source(base, key="--base")
+    if src.kind == "single_file":
+        reader = SafetensorsReader(src.path)
+        dtype = next((reader.dtype(k) for k in reader.keys() if reader.dtype(k) in (torch.float32, torch.float16)),
+                     torch.bfloat16)  # float8 files are merged and written in bf16
+        prefix = next((p for p in PREFIXES if any(k.startswith(p) for k in reader.keys())), "")
+        model = load_single_file(src.path, dtype)
+
+        def write(out: Path) -> None:
+            save_file({prefix + k: v.contiguous() for k, v in to_bfl(model.state_dict()).items()}, str(out))
+        return {"transformer": model}, write, read_any
+    root = Path(src.path)
+    reader = next(iter(folder_readers(root / "transformer").values()))
+    dtype = next(reader.dtype(k) for k in reader.keys() if reader.dtype(k).is_floating_point)  # as stored
+    model = model_cls.from_pretrained(root, subfolder="transformer", torch_dtype=dtype, local_files_only=True)
+    return {"transformer": model}, lambda out: write_diffusers_folder(root, out, {"transformer": model}), read_any

@@ -8,7 +8,8 @@ inverse, so diffusers -> BFL is written here (the same correspondences as ComfyU
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
@@ -35,6 +36,8 @@ _LOOKS_LIKE = (
     ("a LoHa adapter, not a full model", (".hada_",)),
     ("a LoKr adapter, not a full model", (".lokr_",)),
     ("a FLUX.2 transformer", ("double_stream_modulation_img.",)),
+    ("a diffusers-layout Chroma transformer (load its diffusers folder instead)",
+     ("single_transformer_blocks.", "distilled_guidance_layer.")),
     ("a Chroma transformer", ("distilled_guidance_layer.",)),
     ("a diffusers-layout Flux transformer (load its diffusers folder instead)",
      ("single_transformer_blocks.", "attn.add_q_proj.", "time_text_embed.")),
@@ -68,6 +71,26 @@ _TOP = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final
         "time_text_embed.text_embedder.linear_2": "vector_in.out_layer"}
 _GUIDANCE = {"time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
              "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer"}
+_MODULATION = ("norm1.linear", "norm1_context.linear", "norm.linear")  # per-block modulation Linears
+
+
+@dataclass(frozen=True)
+class BflLayout:
+    """What tells one Flux-family transformer's BFL layout from another's; the blocks' tables are shared."""
+
+    top: Mapping[str, str]  # diffusers -> BFL names of the top-level Linears every file has
+    optional: Mapping[str, str]  # the same for those a file may lack (FLUX.1-schnell has no guidance embedder)
+    modulation: bool  # per-block modulation Linears and the final layer's adaLN (Chroma has neither)
+    top_norms: Mapping[str, str] = field(default_factory=dict)  # top-level RMSNorms: diffusers `.weight`, BFL `.scale`
+
+    def blocks(self):
+        if self.modulation:
+            return _BLOCKS
+        return tuple((src, dst, {a: b for a, b in renames.items() if a not in _MODULATION}, fused, norms)
+                     for src, dst, renames, fused, norms in _BLOCKS)
+
+
+FLUX = BflLayout(_TOP, _GUIDANCE, modulation=True)
 
 
 def _transformer_part(state: Mapping) -> dict:
@@ -147,9 +170,11 @@ def infer_flux_config(state_dict: Mapping[str, torch.Tensor]) -> dict:
     return config
 
 
-def bfl_to_diffusers(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
-    """BFL layout -> diffusers FluxTransformer2DModel keys, through diffusers' single-file converter.
-    Every key must convert; a leftover one is a ValueError naming it."""
+def bfl_to_diffusers(state_dict: Mapping[str, torch.Tensor], config: Mapping,
+                     convert: Callable[[dict], dict] = convert_flux_transformer_checkpoint_to_diffusers) -> dict[str, torch.Tensor]:
+    """BFL layout -> diffusers FluxTransformer2DModel keys (or those of another of the family, with its
+    diffusers converter `convert`), through diffusers' single-file converter. Every key must convert; a
+    leftover one is a ValueError naming it."""
     sd = _transformer_part(state_dict)  # a fresh dict: diffusers' converter pops from what it is given
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
     widths = [hidden] * 3 + [4 * hidden]  # FluxSingleTransformerBlock's MLP is always 4x wide
@@ -163,9 +188,10 @@ def bfl_to_diffusers(state_dict: Mapping[str, torch.Tensor], config: Mapping) ->
         for name, part in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), parts):
             linear1[f"{base}{name}.{param}"] = part.clone()  # own storage: safetensors will not save views
         sd[key] = torch.empty(7 * 3072, device="meta")
-    out = convert_flux_transformer_checkpoint_to_diffusers(sd)
+    out = convert(sd)
     if sd:
-        raise ValueError(f"not a FLUX.1 transformer state dict: {len(sd)} keys did not convert, "
+        raise ValueError(f"not a {'FLUX.1' if convert is convert_flux_transformer_checkpoint_to_diffusers else 'Flux-family'} "
+                         f"transformer state dict: {len(sd)} keys did not convert, "
                          f"e.g. {sorted(sd)[:5]}")
     return out | linear1
 
@@ -177,9 +203,10 @@ def _swap_halves(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([second, first])
 
 
-def diffusers_to_bfl(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers FluxTransformer2DModel keys -> BFL layout (what ComfyUI and BFL's code load): q/k/v
-    fused into qkv, single-block q/k/v/mlp into linear1. Written here because diffusers has no inverse."""
+def diffusers_to_bfl(state_dict: Mapping[str, torch.Tensor], layout: BflLayout = FLUX) -> dict[str, torch.Tensor]:
+    """diffusers FluxTransformer2DModel keys (or those of another of the family `layout` describes) -> BFL
+    layout (what ComfyUI and BFL's code load): q/k/v fused into qkv, single-block q/k/v/mlp into linear1.
+    Written here because diffusers has no inverse."""
     sd, out = dict(state_dict), {}
 
     def take(name: str) -> torch.Tensor:
@@ -192,7 +219,7 @@ def diffusers_to_bfl(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
             for param in ("weight", "bias"):
                 out[f"{dst}{b}.{param}"] = take(f"{src}{a}.{param}")
 
-    for src_prefix, dst_prefix, renames, fused, norms in _BLOCKS:
+    for src_prefix, dst_prefix, renames, fused, norms in layout.blocks():
         for i in sorted({int(k.split(".")[1]) for k in sd if k.startswith(src_prefix)}):
             src, dst = f"{src_prefix}{i}.", f"{dst_prefix}{i}."
             move(renames, src, dst)
@@ -201,11 +228,13 @@ def diffusers_to_bfl(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
                     out[f"{dst}{b}.{param}"] = torch.cat([take(f"{src}{a}.{param}") for a in parts])
             for a, b in norms.items():
                 out[f"{dst}{b}.scale"] = take(f"{src}{a}.weight")
-    move(_TOP)
-    if "time_text_embed.guidance_embedder.linear_1.weight" in sd:
-        move(_GUIDANCE)
-    for param in ("weight", "bias"):
-        out[f"final_layer.adaLN_modulation.1.{param}"] = _swap_halves(take(f"norm_out.linear.{param}"))
+    move(layout.top)
+    for a, b in layout.top_norms.items():
+        out[f"{b}.scale"] = take(f"{a}.weight")
+    move({a: b for a, b in layout.optional.items() if f"{a}.weight" in sd})
+    if layout.modulation:
+        for param in ("weight", "bias"):
+            out[f"final_layer.adaLN_modulation.1.{param}"] = _swap_halves(take(f"norm_out.linear.{param}"))
     if sd:
         raise ValueError(f"not a diffusers Flux transformer state dict: {len(sd)} keys have no BFL name, "
                          f"e.g. {sorted(sd)[:5]}")
@@ -218,7 +247,7 @@ def _split_rows(t: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
     return [p.clone().view(t.dtype) for p in raw.split(widths)]
 
 
-def _bfl_chunks(reader, config: Mapping) -> Iterator[dict[str, torch.Tensor]]:
+def bfl_chunks(reader, config: Mapping, layout: BflLayout = FLUX) -> Iterator[dict[str, torch.Tensor]]:
     """BFL-layout tensors -> diffusers-layout state-dict chunks: the top-level layers, then one block at a
     time (the inverse of diffusers_to_bfl's tables, so that a block is converted without the whole file).
     ComfyUI scaled-fp8 `<layer>.scale_weight` entries travel with their weights."""
@@ -236,13 +265,16 @@ def _bfl_chunks(reader, config: Mapping) -> Iterator[dict[str, torch.Tensor]]:
 
     top = {k for k in keys if not k.startswith(("double_blocks.", "single_blocks."))}
     out: dict[str, torch.Tensor] = {}
-    rename(_TOP | _GUIDANCE, "", "", top, out)
-    for param in ("weight", "bias"):
-        out[f"norm_out.linear.{param}"] = _swap_halves(read(f"final_layer.adaLN_modulation.1.{param}"))
-    if "final_layer.adaLN_modulation.1.scale_weight" in top:
-        out["norm_out.linear.scale_weight"] = read("final_layer.adaLN_modulation.1.scale_weight")
+    rename({**layout.top, **layout.optional}, "", "", top, out)
+    for a, b in layout.top_norms.items():
+        out[f"{a}.weight"] = read(f"{b}.scale")
+    if layout.modulation:
+        for param in ("weight", "bias"):
+            out[f"norm_out.linear.{param}"] = _swap_halves(read(f"final_layer.adaLN_modulation.1.{param}"))
+        if "final_layer.adaLN_modulation.1.scale_weight" in top:
+            out["norm_out.linear.scale_weight"] = read("final_layer.adaLN_modulation.1.scale_weight")
     yield out
-    for dst_prefix, src_prefix, renames, fused, norms in _BLOCKS:
+    for dst_prefix, src_prefix, renames, fused, norms in layout.blocks():
         count = config["num_layers"] if dst_prefix.startswith("transformer") else config["num_single_layers"]
         for i in range(count):
             src, dst = f"{src_prefix}{i}.", f"{dst_prefix}{i}."
@@ -263,11 +295,10 @@ def _bfl_chunks(reader, config: Mapping) -> Iterator[dict[str, torch.Tensor]]:
             yield out
 
 
-def load_flux_single_file(path: str | Path, dtype: torch.dtype = torch.bfloat16, base=None) -> FluxTransformer2DModel:
-    """A FluxTransformer2DModel from one BFL-layout file (bf16/fp16/fp32, float8_e4m3fn/e5m2, or ComfyUI
-    scaled fp8; prefixed or not), read block by block and finished by `base` (quantized, moved), with the
-    config its shapes imply. float8 weights stay float8 when the base is stored in float8."""
-    from ..blockwise import DictReader, FrozenBase, SafetensorsReader, materialize
+def open_bfl_file(path: str | Path):
+    """(a reader of the file, its keys -> size-only tensors, and those of the transformer's own weights: any
+    ComfyUI/ldm prefix removed, scaled-fp8 scales left out) for a single file in a BFL-style layout."""
+    from ..blockwise import DictReader, SafetensorsReader
 
     path = Path(path)
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
@@ -276,24 +307,39 @@ def load_flux_single_file(path: str | Path, dtype: torch.dtype = torch.bfloat16,
         reader = DictReader(load_state_dict_file(path))
     shapes = {k: reader.meta(k) for k in reader.keys()}
     sd = {k: v for k, v in _transformer_part(shapes).items() if k != "scaled_fp8" and not k.endswith((".scale_weight", ".scale_input"))}
+    return reader, shapes, sd
+
+
+def require_fit(path, sd: Mapping[str, torch.Tensor], model: torch.nn.Module, to_bfl, what: str) -> None:
+    """The file's tensors `sd` are exactly those of `model` (on the meta device) in the file's own names, so that
+    a truncated or extended file is reported as the user sees it; `what` names the model in the error."""
+    expected = {k: v.shape for k, v in to_bfl(model.state_dict()).items()}
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [f"{k} {tuple(sd[k].shape)} != {tuple(s)}" for k, s in expected.items() if k in sd and sd[k].shape != s]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path}: the weights do not fit the {what} their shapes describe: "
+                         f"{len(missing)} missing {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}, "
+                         f"{len(wrong)} of the wrong shape {wrong[:5]}")
+
+
+def load_flux_single_file(path: str | Path, dtype: torch.dtype = torch.bfloat16, base=None) -> FluxTransformer2DModel:
+    """A FluxTransformer2DModel from one BFL-layout file (bf16/fp16/fp32, float8_e4m3fn/e5m2, or ComfyUI
+    scaled fp8; prefixed or not), read block by block and finished by `base` (quantized, moved), with the
+    config its shapes imply. float8 weights stay float8 when the base is stored in float8."""
+    from ..blockwise import FrozenBase, materialize
+
+    reader, shapes, sd = open_bfl_file(path)
     if not is_bfl_flux(sd):
         raise ValueError(f"{path} is not a FLUX.1 transformer in the Black Forest Labs layout: it "
                          f"{describe_checkpoint(list(shapes))}")
     config = infer_flux_config(sd)
     with torch.device("meta"):  # no random init of 12B weights that are replaced at once
         model = FluxTransformer2DModel.from_config(config)
-    # Compare in the file's own names, so a truncated or extended file is reported as the user sees it
-    expected = {k: v.shape for k, v in diffusers_to_bfl(model.state_dict()).items()}
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [f"{k} {tuple(sd[k].shape)} != {tuple(s)}" for k, s in expected.items() if k in sd and sd[k].shape != s]
-    if missing or unexpected or wrong:
-        what = known_flux_variant(config) or f"{config['num_layers']} double + {config['num_single_layers']} single blocks"
-        raise ValueError(f"{path}: the weights do not fit the Flux transformer their shapes describe ({what}): "
-                         f"{len(missing)} missing {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}, "
-                         f"{len(wrong)} of the wrong shape {wrong[:5]}")
+    what = known_flux_variant(config) or f"{config['num_layers']} double + {config['num_single_layers']} single blocks"
+    require_fit(path, sd, model, diffusers_to_bfl, f"Flux transformer ({what})")
     base = base or FrozenBase(torch.device("cpu"), dtype)
-    return materialize(model, _bfl_chunks(reader, config), base, BLOCK_LISTS, str(path))
+    return materialize(model, bfl_chunks(reader, config), base, BLOCK_LISTS, str(path))
 
 
 # ---- LoRA files: diffusers names <-> BFL names (ComfyUI's `diffusion_model.` and kohya's `lora_unet_`) -----------
