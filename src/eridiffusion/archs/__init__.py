@@ -12,6 +12,7 @@ ARCHS: dict[str, str] = {
     "sdxl": "eridiffusion.archs.sdxl:SDXL",
     "kolors": "eridiffusion.archs.kolors:Kolors",
     "sd3": "eridiffusion.archs.sd3:SD3",
+    "hidream": "eridiffusion.archs.hidream:HiDream",
 }
 
 
