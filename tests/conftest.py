@@ -9,6 +9,7 @@ import yaml
 
 from eridiffusion.archs.chroma.tiny import build_tiny_chroma
 from eridiffusion.archs.flux.tiny import build_tiny_flux
+from eridiffusion.archs.hidream.tiny import build_tiny_hidream, build_tiny_llama
 from eridiffusion.archs.kolors.tiny import build_tiny_kolors
 from eridiffusion.archs.sd3.tiny import build_tiny_sd3
 from eridiffusion.archs.sdxl.tiny import build_tiny_sdxl
@@ -48,6 +49,16 @@ def tiny_sd3(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_chroma(tmp_path_factory) -> Path:
     return build_tiny_chroma(tmp_path_factory.mktemp("models") / "tiny-chroma")
+
+
+@pytest.fixture(scope="session")
+def tiny_hidream(tmp_path_factory) -> Path:
+    return build_tiny_hidream(tmp_path_factory.mktemp("models") / "tiny-hidream")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
 @pytest.fixture

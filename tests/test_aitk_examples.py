@@ -1,4 +1,4 @@
-"""ai-toolkit's own FLUX.1 / Flex.1 / schnell / SD 3.5 / Chroma example configs, verbatim from ../shared/aitk-examples/, run
+"""ai-toolkit's own FLUX.1 / Flex.1 / schnell / SD 3.5 / Chroma / HiDream example configs, verbatim from ../shared/aitk-examples/, run
 through the CLI with only paths, sizes and the CUDA-only optimizer changed. The README's list of examples
 that run is this test's list."""
 from __future__ import annotations
@@ -15,10 +15,11 @@ from eridiffusion import cli
 EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "aitk-examples"
 RUNS = ["train_lora_flux_24gb.yaml", "train_lora_flex_24gb.yaml", "train_lora_flux_schnell_24gb.yaml",
         "modal/modal_train_lora_flux_24gb.yaml", "modal/modal_train_lora_flux_schnell_24gb.yaml",
-        "train_full_fine_tune_flex.yaml", "train_lora_sd35_large_24gb.yaml", "train_lora_chroma_24gb.yaml"]
+        "train_full_fine_tune_flex.yaml", "train_lora_sd35_large_24gb.yaml", "train_lora_chroma_24gb.yaml",
+        "train_lora_hidream_48.yaml"]
 
 
-def adapted(example: str, model: Path, data: Path, out: Path, assistant: Path | None) -> dict:
+def adapted(example: str, model: Path, data: Path, out: Path, assistant: Path | None, llama: Path | None = None) -> dict:
     """The example with paths pointed here, sizes made tiny, and adamw8bit (bitsandbytes, CUDA) -> adamw."""
     path = EXAMPLES / example
     assert path.is_file(), f"{path} is missing: the ai-toolkit examples live in ../shared/aitk-examples/"
@@ -28,6 +29,10 @@ def adapted(example: str, model: Path, data: Path, out: Path, assistant: Path | 
     proc["model"]["name_or_path"] = str(model)
     if "assistant_lora_path" in proc["model"]:
         proc["model"]["assistant_lora_path"] = str(assistant)
+    if "extras_name_or_path" in proc["model"]:
+        proc["model"]["extras_name_or_path"] = str(model)
+    if "llama_model_path" in proc["model"].get("model_kwargs", {}):
+        proc["model"]["model_kwargs"]["llama_model_path"] = str(llama)
     for ds in proc["datasets"]:
         ds.update(folder_path=str(data), resolution=[32, 48])
     proc["train"].update(steps=4, optimizer="adamw" if proc["train"]["optimizer"] == "adamw8bit" else proc["train"]["optimizer"])
@@ -53,10 +58,12 @@ def tiny_adapter(model: Path, path: Path) -> Path:
 
 
 @pytest.mark.parametrize("example", RUNS)
-def test_ai_toolkit_example_runs(example, tiny_flux, tiny_flux_schnell, tiny_sd3, tiny_chroma, dataset, tmp_path, write_config):
-    model = tiny_sd3 if "sd35" in example else tiny_chroma if "chroma" in example else tiny_flux_schnell if "schnell" in example else tiny_flux
-    adapter = None if "sd35" in example or "chroma" in example else tiny_adapter(model, tmp_path / "adapter.safetensors")
-    cfg = adapted(example, model, dataset, tmp_path / "out", adapter)
+def test_ai_toolkit_example_runs(example, request, dataset, tmp_path, write_config):
+    own = {"sd35": "tiny_sd3", "hidream": "tiny_hidream", "chroma": "tiny_chroma", "schnell": "tiny_flux_schnell"}  # file name part -> fixture
+    model = request.getfixturevalue(next((f for part, f in own.items() if part in example), "tiny_flux"))
+    adapter = None if any(k in example for k in ("sd35", "chroma", "hidream")) else tiny_adapter(model, tmp_path / "adapter.safetensors")
+    llama = request.getfixturevalue("tiny_llama") if "hidream" in example else None
+    cfg = adapted(example, model, dataset, tmp_path / "out", adapter, llama)
     proc = cfg["config"]["process"][0]
     assert proc["model"].get("quantize") or proc["model"].get("quantize_te")  # each quantizes (qfloat8)
     assert cli.main([str(write_config(cfg, Path(example).name))]) == 0

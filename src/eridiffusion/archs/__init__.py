@@ -13,6 +13,7 @@ ARCHS: dict[str, str] = {
     "kolors": "eridiffusion.archs.kolors:Kolors",
     "sd3": "eridiffusion.archs.sd3:SD3",
     "chroma": "eridiffusion.archs.chroma:Chroma",
+    "hidream": "eridiffusion.archs.hidream:HiDream",
 }
 
 

@@ -47,6 +47,20 @@ def resolve_model_source(name_or_path: str, *, key: str = "model.name_or_path") 
     return _resolve_from_hf_cache(name_or_path, repo_id, filename, key)
 
 
+def resolve_folder(name_or_path: str, *, key: str) -> Path:
+    """A local folder of any layout (a transformers model with its tokenizer, e.g. a Llama), or the snapshot
+    folder of a repo id already in the local HF cache. Nothing is downloaded."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"{key}: '{path}' is a file; it must be a folder (config.json, weights and tokenizer files)")
+    repo_id, filename = _split_repo_id(name_or_path)
+    if repo_id is None or filename is not None:
+        raise FileNotFoundError(f"{key}: '{path}' does not exist (and is not a Hugging Face repo id 'owner/name')")
+    return _resolve_from_hf_cache(name_or_path, repo_id, None, key, need_index=False).path
+
+
 def hf_cache_dir() -> Path:
     """The hub cache folder, read from the environment now (huggingface_hub reads it once at import)."""
     env = os.environ
@@ -139,7 +153,7 @@ def _split_repo_id(text: str) -> tuple[str | None, str | None]:
     return (repo_id, filename) if Path(filename).suffix.lower() in WEIGHT_SUFFIXES else (None, None)
 
 
-def _resolve_from_hf_cache(text: str, repo_id: str, filename: str | None, key: str) -> ModelSource:
+def _resolve_from_hf_cache(text: str, repo_id: str, filename: str | None, key: str, need_index: bool = True) -> ModelSource:
     cache = hf_cache_dir()
     # local_files_only everywhere: these calls read the cache folder and never open a connection
     if filename is None:
@@ -158,6 +172,6 @@ def _resolve_from_hf_cache(text: str, repo_id: str, filename: str | None, key: s
             f"EriDiffusion never downloads: run `huggingface-cli download {repo_id}"
             f"{f' {filename}' if filename else ''}` yourself, or point {key} at a local folder or file")
     path = Path(found)
-    if filename is None:
+    if filename is None and need_index:
         _require_model_index(path, key, name_as=repo_id)
     return ModelSource("hf_cache", path)

@@ -94,23 +94,29 @@ def _clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
         for piece, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(line)):
             words[(*piece[:-1], piece[-1] + "</w>")] += 1
 
-    merges: list[tuple[str, str]] = []
-    for _ in range(_CLIP_MERGES):
-        pairs: Counter[tuple[str, str]] = Counter()
-        for word, count in words.items():
-            for pair in zip(word, word[1:]):
-                pairs[pair] += count
-        if not pairs:
-            break
-        best = min(pairs, key=lambda p: (-pairs[p], p))
-        merges.append(best)
-        words = Counter({_merge_pair(word, best): count for word, count in words.items()})
-
+    merges = _learn_merges(words, _CLIP_MERGES)
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab: dict[str, int] = {}
     for token in [*alphabet, *(a + "</w>" for a in alphabet), *("".join(m) for m in merges), CLIP_BOS, CLIP_EOS]:
         vocab.setdefault(token, len(vocab))
     return vocab, merges
+
+
+def _learn_merges(words: Counter[tuple[str, ...]], count: int) -> list[tuple[str, str]]:
+    """Up to `count` BPE merges of `words` (symbol tuples with their counts), the most frequent pair first and
+    ties broken by the pair itself, so the result is the same on every run."""
+    merges: list[tuple[str, str]] = []
+    for _ in range(count):
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, n in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        words = Counter({_merge_pair(word, best): n for word, n in words.items()})
+    return merges
 
 
 def _merge_pair(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
@@ -146,6 +152,41 @@ def tiny_t5_tokenizer():
     pieces += [(c, floor) for c in string.printable if not c.isspace()]
     pieces += [(f"<extra_id_{i}>", 0.0) for i in reversed(range(_T5_EXTRA_IDS))]
     return T5Tokenizer(vocab=pieces, extra_ids=_T5_EXTRA_IDS, model_max_length=512)
+
+
+LLAMA_BOS, LLAMA_EOS = "<|begin_of_text|>", "<|eot_id|>"
+_LLAMA_MERGES = 300
+
+
+def tiny_llama_tokenizer():
+    """A Llama-3-style tokenizer (byte-level BPE, BOS added in front, as Meta-Llama-3.1-8B-Instruct's
+    tokenizer.json) over merges learned from CORPUS, built with `tokenizers`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    words = Counter(tuple(piece) for line in CORPUS.splitlines() for piece, _ in pre.pre_tokenize_str(line))
+    merges = _learn_merges(words, _LLAMA_MERGES)
+    vocab: dict[str, int] = {}
+    for token in [*sorted(pre_tokenizers.ByteLevel.alphabet()), *("".join(m) for m in merges)]:
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
+    backend.pre_tokenizer, backend.decoder = pre, decoders.ByteLevel()
+    backend.add_special_tokens([LLAMA_BOS, LLAMA_EOS])
+    backend.post_processor = processors.TemplateProcessing(single=f"{LLAMA_BOS} $A", pair=f"{LLAMA_BOS} $A {LLAMA_BOS} $B",
+                                                           special_tokens=[(LLAMA_BOS, len(vocab))])  # the id add_special_tokens gave it
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=LLAMA_BOS, eos_token=LLAMA_EOS,
+                                   model_max_length=131072)
+
+
+def tiny_llama_config(tokenizer, hidden_size: int, num_layers: int):
+    """A Llama 3 decoder config (grouped-query attention, RoPE) of width `hidden_size` for `tokenizer`."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                       num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=512, rope_theta=500000.0, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
 
 
 def tiny_sentencepiece_model(vocab_size: int = 512) -> bytes:

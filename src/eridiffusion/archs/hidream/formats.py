@@ -1,0 +1,134 @@
+"""HiDream-I1 single files and LoRA files.
+
+The single-file layout (ComfyUI's `diffusion_models/hidream_i1_full_fp16.safetensors`) is the diffusers
+HiDreamImageTransformer2DModel state dict itself: ComfyUI's HiDream model uses diffusers' module names, and
+diffusers' own converter (`convert_hidream_transformer_to_diffusers`) only strips an optional
+`model.diffusion_model.` prefix. So a file is read with its names as they are (that prefix, or `diffusion_model.`,
+removed) and written bare. The weights do not tell the head size, the rotary split, the patch size or which Llama
+layer feeds each block, so the config is the one among the released configs (configs/) and the base folder's own
+transformer config whose model has exactly the file's tensor names and shapes.
+
+LoRA files are diffusers' layout, `transformer.<diffusers name>.lora_A/lora_B.weight`, which ComfyUI's HiDream
+branch and HiDreamImagePipeline.load_lora_weights both apply. diffusers refuses `.alpha` entries, so a LoRA's
+alpha / rank is folded into lora_B and the file has none: both loaders then scale by 1, as the trainer did.
+LoHa / LoKr modules keep `.alpha` (ComfyUI reads it; diffusers loads neither type)."""
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+import torch
+from diffusers import HiDreamImageTransformer2DModel
+
+from ..sources import SAFETENSORS_SUFFIXES, _require_weight_suffix, load_state_dict_file
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+BLOCK_LISTS = ("double_stream_blocks", "single_stream_blocks")  # the repeated blocks, in execution order
+PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # ComfyUI/ldm full checkpoints; diffusion-model files
+REQUIRED = ("caption_projection.0.linear.weight", "double_stream_blocks.0.block.ff_i.shared_experts.w3.weight")
+FILE_PREFIX = "transformer."
+
+
+@cache
+def known_configs() -> dict[str, dict]:
+    """The released variants' transformer and scheduler configs shipped in configs/, by folder name."""
+    read = lambda p: {k: v for k, v in json.loads(p.read_text()).items() if not k.startswith("_")}
+    return {d.name: {"transformer": read(d / "transformer" / "config.json"),
+                     "scheduler": json.loads((d / "scheduler" / "scheduler_config.json").read_text())}
+            for d in sorted(CONFIG_DIR.iterdir()) if d.is_dir()}
+
+
+def static_shift(scheduler_config) -> float:
+    """The flow shift a HiDream scheduler config samples with: UniPC's `flow_shift` over flow sigmas (Full), else
+    the flow-matching schedulers' `shift` (Dev, Fast). HiDream's schedulers never shift by resolution."""
+    cfg = dict(scheduler_config)
+    if cfg.get("use_dynamic_shifting"):
+        raise ValueError(f"{cfg.get('_class_name')}: a resolution-dependent shift is not what HiDream uses; "
+                         "point model.extras_name_or_path at a HiDream-I1 folder")
+    if cfg.get("use_flow_sigmas"):
+        return float(cfg["flow_shift"])
+    if "shift" not in cfg:
+        raise ValueError(f"{cfg.get('_class_name')} is not a flow-matching scheduler (no shift); HiDream needs one")
+    return float(cfg["shift"])
+
+
+def strip_prefix(keys) -> tuple[str, list[str]]:
+    """(the prefix the file's transformer keys carry, those keys without it)."""
+    keys = list(keys)
+    prefix = next((p for p in PREFIXES if any(k.startswith(p) for k in keys)), "")
+    return prefix, [k[len(prefix):] for k in keys if k.startswith(prefix) and k != "scaled_fp8"
+                    and not k.endswith(".scale_input")]
+
+
+def config_for(shapes: dict[str, tuple], candidates: list[dict], source: str) -> dict:
+    """The first candidate config whose model has exactly these tensor names and shapes (ComfyUI scaled-fp8
+    `.scale_weight` entries aside)."""
+    names = {k: s for k, s in shapes.items() if not k.endswith(".scale_weight")}
+    if not all(k in names for k in REQUIRED):
+        raise ValueError(f"{source} is not a HiDream-I1 transformer: it lacks {[k for k in REQUIRED if k not in names]} "
+                         f"(first keys: {sorted(names)[:5]})")
+    tried = []
+    for config in candidates:
+        with torch.device("meta"):
+            model = HiDreamImageTransformer2DModel.from_config(config)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if expected == names:
+            return config
+        tried.append(f"{config['num_layers']}+{config['num_single_layers']} blocks of width "
+                     f"{config['num_attention_heads'] * config['attention_head_dim']}")
+    blocks = len({k.split(".")[1] for k in names if k.startswith("double_stream_blocks.")})
+    singles = len({k.split(".")[1] for k in names if k.startswith("single_stream_blocks.")})
+    raise ValueError(f"{source}: a HiDream transformer of {blocks}+{singles} blocks and width "
+                     f"{names['x_embedder.proj.weight'][0]} fits none of the known configs ({'; '.join(tried)}); its "
+                     "head size, rotary split and Llama layers cannot be read from the weights: set "
+                     "model.extras_name_or_path to a HiDream diffusers folder whose transformer/config.json describes it")
+
+
+def load_single_file(path: str | Path, base, extra_configs: list[dict] = ()) -> HiDreamImageTransformer2DModel:
+    """A HiDreamImageTransformer2DModel from one file (bf16/fp16/fp32 or float8, prefixed or not), read block by
+    block and finished by `base` (quantized, moved)."""
+    from ..blockwise import DictReader, SafetensorsReader, materialize, read_units
+
+    path = Path(path)
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        reader = SafetensorsReader(_require_weight_suffix(path, "weights file"))
+    else:
+        reader = DictReader(load_state_dict_file(path))
+    prefix, names = strip_prefix(reader.keys())
+    config = config_for({k: reader.shape(prefix + k) for k in names},
+                        [*extra_configs, *(v["transformer"] for v in known_configs().values())], str(path))
+    with torch.device("meta"):
+        model = HiDreamImageTransformer2DModel.from_config(config)
+    readers = {prefix + k: reader for k in names}
+    return materialize(model, read_units(readers, BLOCK_LISTS, rename=lambda k: k[len(prefix):]), base, BLOCK_LISTS,
+                       str(path))
+
+
+# ---- LoRA files ---------------------------------------------------------------------------------------------------
+def lora_to_file(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """peft-named tensors with `<module>.alpha` -> `transformer.<name>` keys, alpha / rank folded into lora_B
+    (LoHa / LoKr modules keep their `.alpha`)."""
+    out = {}
+    for key, value in state.items():
+        module, _, leaf = key.rpartition(".")
+        if leaf == "alpha" and f"{module}.lora_A.weight" in state:
+            continue
+        if key.endswith(".lora_B.weight") and f"{key[:-len('.lora_B.weight')]}.alpha" in state:
+            name = key[: -len(".lora_B.weight")]
+            scale = float(state[f"{name}.alpha"]) / state[f"{name}.lora_A.weight"].shape[0]
+            value = value if scale == 1.0 else (value.float() * scale).to(value.dtype)
+        out[FILE_PREFIX + key] = value
+    return out
+
+
+def lora_from_file(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`transformer.<name>` keys -> peft names; a LoRA module without `.alpha` gets alpha = rank (its scale, 1)."""
+    bad = [k for k in tensors if not k.startswith(FILE_PREFIX)]
+    if bad:
+        raise ValueError(f"not a diffusers-layout HiDream LoRA (key '{bad[0]}' lacks the '{FILE_PREFIX}' prefix)")
+    state = {k[len(FILE_PREFIX):]: v for k, v in tensors.items()}
+    for key in [k for k in state if k.endswith(".lora_A.weight")]:
+        name = key[: -len(".lora_A.weight")]
+        state.setdefault(f"{name}.alpha", torch.tensor(float(state[key].shape[0])))
+    return state
