@@ -128,8 +128,18 @@ def load_lora_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
 
 
 def load_lora_file_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """The inverse of lora_file_state: a file's tensors (`.alpha` entries ignored) into the injected layers."""
-    state, layers = {k: v for k, v in state.items() if not k.endswith(".alpha")}, _adapter_layers(module)
+    """The inverse of lora_file_state: a file's tensors into the injected layers. A LoRA whose file alpha/rank
+    differs from the layer's scale (a file with alpha/rank folded into lora_B, or trained at another alpha) has
+    its lora_B rescaled, so that the layer applies the update the file describes."""
+    layers = _adapter_layers(module)
+    alphas = {k[: -len(".alpha")]: float(v) for k, v in state.items() if k.endswith(".alpha")}
+    state = {k: v for k, v in state.items() if not k.endswith(".alpha")}
+    for name, alpha in alphas.items():
+        key, layer = f"{name}.lora_B.weight", layers.get(name)
+        if key in state and isinstance(layer, LoraLayer):
+            scale = alpha / state[f"{name}.lora_A.weight"].shape[0]
+            if scale != layer.scaling[ADAPTER]:
+                state[key] = (state[key].float() * (scale / layer.scaling[ADAPTER])).to(state[key].dtype)
     for key in [k for k in state if k.endswith(DORA_SCALE)]:
         t = state.pop(key)
         state[key[: -len(DORA_SCALE)] + MAGNITUDE] = t.reshape(1, -1, 1, 1) if t.dim() == 4 else t.reshape(-1)

@@ -48,3 +48,35 @@ def build_tiny_sd3(folder: str | Path, *, num_layers: int = 2, with_t5: bool = T
     write_clip_tokenizer(folder / "tokenizer", tokenizer)
     write_clip_tokenizer(folder / "tokenizer_2", tokenizer_2)
     return folder
+
+
+def write_tiny_sd3_single_file(folder: str | Path, path: str | Path, *, vae: bool = True, text_encoders: bool = False) -> Path:
+    """A tiny SD3 folder (build_tiny_sd3's) as one file in Stability AI's layout, as ComfyUI users keep
+    sd3.5_medium.safetensors: the MMDiT, the VAE (unless `vae=False`), and with `text_encoders` CLIP-L, CLIP-G and
+    T5 (where the folder has it) inside too."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    from .formats import diffusers_to_sai_file
+
+    folder, load = Path(folder), dict(local_files_only=True)
+    encoders = {}
+    if text_encoders:
+        for name, cls in (("text_encoder", CLIPTextModelWithProjection), ("text_encoder_2", CLIPTextModelWithProjection),
+                          ("text_encoder_3", T5EncoderModel)):
+            if (folder / name).is_dir():
+                encoders[name] = cls.from_pretrained(folder / name, **load).state_dict()
+    tensors = diffusers_to_sai_file(SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer", **load).state_dict(),
+                                    AutoencoderKL.from_pretrained(folder, subfolder="vae", **load).state_dict() if vae else None,
+                                    encoders)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return Path(path)
+
+
+def configs_only(folder: str | Path, out: str | Path) -> Path:
+    """A copy of a diffusers folder without weights (configs, tokenizers, scheduler): what model.extras_name_or_path
+    needs beside a single file that carries the weights."""
+    import shutil
+
+    return Path(shutil.copytree(folder, out, ignore=shutil.ignore_patterns("*.safetensors", "*.bin")))
