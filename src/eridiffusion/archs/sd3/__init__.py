@@ -22,7 +22,7 @@ from ..common import (check_flow_model_keys, encode_latents, folder_fingerprint,
                      on_device, resolve_roots, save_lora_with_diffusers, write_diffusers_folder)
 from ..sources import find_tokenizer_files, resolve_model_source
 from .formats import (BLOCK_LISTS, TEXT_PREFIXES, VAE_PREFIX, diffusers_to_sai_file, load_sd3_single_file, open_file,
-                      read_part, vae_to_diffusers)
+                      read_part, require_sai_sd3, vae_to_diffusers)
 
 # text_encoder_3 / tokenizer_3 (T5) are optional: a folder without them conditions on zeros in T5's place
 COMPONENTS = ["transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"]
@@ -62,6 +62,7 @@ class SD3:
         if src.kind == "single_file":
             reader = open_file(src.path)
             keys = reader.keys()
+            require_sai_sd3(keys, f"model.name_or_path: {src.path}")  # before anything else is looked for
             inside = {name for name, prefix in [*TEXT_PREFIXES.items(), ("vae", VAE_PREFIX)] if any(k.startswith(prefix) for k in keys)}
         elsewhere = inside | {p for p in paths if p.startswith("text_encoder")} | ({"vae"} if cfg.vae_path else set())
         single, main_root, root = resolve_roots(cfg, COMPONENTS, "transformer", tuple(elsewhere))
@@ -270,14 +271,13 @@ class SD3:
 
         from ..blockwise import FLOAT8
         from ..sources import load_state_dict_file
-        from .formats import describe, diffusers_to_sai, file_prefix, is_sai_sd3, sai_to_diffusers, transformer_part
+        from .formats import diffusers_to_sai, file_prefix, sai_to_diffusers, transformer_part
 
         read = lambda tensors: {"transformer": read_lora(tensors)}
         src = resolve_model_source(base, key="--base")
         if src.kind == "single_file":
             sd = load_state_dict_file(src.path)
-            if not is_sai_sd3(sd):
-                raise ValueError(f"--base {src.path}: not an SD3 / SD3.5 MMDiT in Stability AI's layout: it {describe(list(sd))}")
+            require_sai_sd3(sd, f"--base {src.path}")
             part = transformer_part(sd)
             if any(v.dtype in FLOAT8 for v in part.values()):
                 raise ValueError(f"--base {src.path}: a float8 model; merge into its bf16/fp16 release and quantize after")

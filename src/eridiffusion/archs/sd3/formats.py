@@ -78,6 +78,13 @@ def is_sai_sd3(keys: Iterable[str]) -> bool:
     return all(k in names for k in _REQUIRED)
 
 
+def require_sai_sd3(keys: Iterable[str], path) -> None:
+    keys = list(keys)
+    if not is_sai_sd3(keys):
+        raise ValueError(f"{path} is not an SD3 / SD3.5 MMDiT in Stability AI's layout "
+                         f"(model.diffusion_model.joint_blocks...): it {describe(keys)}")
+
+
 def describe(keys: Iterable[str]) -> str:
     """Why a file is not an SD3 MMDiT in SAI's layout: what it looks like instead."""
     keys = list(keys)
@@ -228,9 +235,7 @@ def load_sd3_single_file(reader, path, dtype: torch.dtype = torch.bfloat16, base
     from ..blockwise import FrozenBase, materialize
 
     shapes = {k: reader.meta(k) for k in reader.keys()}
-    if not is_sai_sd3(shapes):
-        raise ValueError(f"{path} is not an SD3 / SD3.5 MMDiT in Stability AI's layout "
-                         f"(model.diffusion_model.joint_blocks...): it {describe(list(shapes))}")
+    require_sai_sd3(shapes, path)
     sd = {k: v for k, v in transformer_part(shapes).items() if k not in IGNORED and not k.endswith((".scale_weight", ".scale_input"))}
     config = infer_sd3_config(sd)
     with torch.device("meta"):
