@@ -42,7 +42,8 @@ def fuse_lora(members: Sequence[Mapping[str, torch.Tensor] | None], rows: Sequen
     scales = [None if m is None else m.get("dora_scale") for m in members]
     if any(s is not None for s in scales):
         if any(s is None for s in scales):
-            raise ValueError(f"{name}: DoRA on only some of its fused parts cannot be written as one weight")
+            raise ValueError(f"{name}: DoRA on only some of its fused parts cannot be written as one weight (its "
+                             "magnitudes would need the base weights); keep a layout with the parts' own names")
         out["dora_scale"] = torch.cat(scales)
     return out
 
