@@ -124,3 +124,17 @@ def test_full_fine_tune_round_trips_the_sai_file_and_trains(tiny_sd3, files, dat
     trained = sai_to_diffusers(transformer_part(saved), pipe.transformer.config.num_layers)
     assert all(torch.equal(trained[k], v) for k, v in pipe.transformer.state_dict().items())
     assert pipe.text_encoder_3 is not None and not any(k.startswith(tuple(TEXT_PREFIXES.values())) for k in saved)
+
+
+def test_a_clip_l_file_without_projection_gets_the_identity(tiny_sd3, files, tmp_path):
+    from transformers import CLIPTextModelWithProjection
+
+    from eridiffusion.archs.common import load_text_encoder
+
+    state = load_file(files["text_encoder"])
+    del state["text_projection.weight"]  # as some clip_l.safetensors are kept; ComfyUI then projects by the identity
+    save_file(state, str(tmp_path / "clip_l.safetensors"))
+    model = load_text_encoder(CLIPTextModelWithProjection, tmp_path / "clip_l.safetensors", tiny_sd3, "text_encoder", torch.float32)
+    width = model.config.hidden_size
+    assert torch.equal(model.text_projection.weight, torch.eye(width))
+    assert torch.equal(model.text_model.final_layer_norm.weight, state["text_model.final_layer_norm.weight"].float())

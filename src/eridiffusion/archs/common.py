@@ -127,6 +127,11 @@ def load_text_encoder(cls, path: str | Path, config_root: Path, subfolder: str, 
     if unexpected or not state:
         raise ValueError(f"{path}: not a {cls.__name__} weights file for {config_root / subfolder} "
                          f"(unexpected keys such as {unexpected[:3]})")
+    projection = model.state_dict().get("text_projection.weight")
+    if projection is not None and "text_projection.weight" not in state and projection.shape[0] == projection.shape[1]:
+        import torch  # a CLIP-L file without its projection (some clip_l.safetensors): the identity, as ComfyUI uses
+
+        state["text_projection.weight"] = torch.eye(projection.shape[0], dtype=dtype)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()  # T5 files carry `shared.weight` only; the encoder's embedding is tied to it
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]

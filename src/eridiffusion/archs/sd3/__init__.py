@@ -26,7 +26,6 @@ from .formats import (BLOCK_LISTS, TEXT_PREFIXES, VAE_PREFIX, diffusers_to_sai_f
 
 # text_encoder_3 / tokenizer_3 (T5) are optional: a folder without them conditions on zeros in T5's place
 COMPONENTS = ["transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"]
-T5_PARTS = ("text_encoder_3", "tokenizer_3")
 TEXT_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
 FILE_PREFIX = "transformer."  # diffusers' SD3 LoRA layout, which ComfyUI's SD3 loader also maps
 
@@ -110,13 +109,15 @@ class SD3:
         tokenizer_files = {"tokenizer": [["vocab.json", "merges.txt"], ["tokenizer.json"]],
                            "tokenizer_2": [["vocab.json", "merges.txt"], ["tokenizer.json"]],
                            "tokenizer_3": [["spiece.model"], ["tokenizer.json"]]}
-        tokenizers = [AutoTokenizer.from_pretrained(find_tokenizer_files(paths.get(tok, root / tok), files), local_files_only=True)
-                      if f"text_encoder{tok[len('tokenizer'):]}" in encoders else None for tok, files in tokenizer_files.items()]
+        tokenizer_folders = {tok: paths.get(tok, root / tok) for tok in tokenizer_files
+                             if f"text_encoder{tok[len('tokenizer'):]}" in encoders}
+        tokenizers = [AutoTokenizer.from_pretrained(find_tokenizer_files(tokenizer_folders[tok], files), local_files_only=True)
+                      if tok in tokenizer_folders else None for tok, files in tokenizer_files.items()]
         self.attach(transformer=transformer, vae=vae, tokenizers=tuple(tokenizers),
                     text_encoders=tuple(encoders.get(n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")),
                     scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True))
         self.latent_fingerprint = folder_fingerprint(vae_source, extra=f"sd3:{vae_dtype}")
-        self.text_fingerprint = folder_fingerprint(*dict.fromkeys(sources.values()),
+        self.text_fingerprint = folder_fingerprint(*dict.fromkeys([*sources.values(), *tokenizer_folders.values()]),
                                                    extra=f"sd3:{self.max_sequence_length}:{te_dtype}:{self.dtype}")
 
     @staticmethod
