@@ -14,7 +14,7 @@ import torch
 LORA_PARTS = {"lora_A.weight", "lora_B.weight", "alpha", "dora_scale"}
 
 
-def _check(m: Mapping[str, torch.Tensor], name: str) -> None:
+def require_lora(m: Mapping[str, torch.Tensor], name: str) -> None:
     extra = set(m) - LORA_PARTS
     if extra:
         raise ValueError(f"{name}.{sorted(extra)[0]}: only LoRA and DoRA fuse into one weight (LoHa/LoKr factors do not)")
@@ -25,7 +25,7 @@ def fuse_lora(members: Sequence[Mapping[str, torch.Tensor] | None], rows: Sequen
     heights in order. DoRA must cover every part or none."""
     present = [m for m in members if m is not None]
     for m in present:
-        _check(m, name)
+        require_lora(m, name)
     downs = [m["lora_A.weight"] for m in present]
     rank = sum(d.shape[0] for d in downs)
     up = torch.zeros(sum(rows), rank, dtype=torch.float32)
@@ -51,7 +51,7 @@ def fuse_lora(members: Sequence[Mapping[str, torch.Tensor] | None], rows: Sequen
 def split_lora(m: Mapping[str, torch.Tensor], rows: Sequence[int], name: str = "") -> list[dict[str, torch.Tensor] | None]:
     """Inverse of fuse_lora: per part, its rows of B with the shared A (and alpha); None for a part the fused LoRA
     leaves at zero (and has no DoRA magnitude for)."""
-    _check(m, name)
+    require_lora(m, name)
     ups = m["lora_B.weight"].split(list(rows))
     scales = m["dora_scale"].split(list(rows)) if "dora_scale" in m else [None] * len(rows)
     out = []

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from diffusers import SD3Transformer2DModel
 
-from ...adapters.fused import fuse_lora, split_lora
+from ...adapters.fused import fuse_lora, require_lora, split_lora
 from ..blockwise import split_rows
 from ..sources import SAFETENSORS_SUFFIXES, _require_weight_suffix, load_state_dict_file
 
@@ -298,6 +298,7 @@ def lora_diffusers_to_sai(modules: Mapping[str, Mapping[str, torch.Tensor]], num
         if index is None:
             out[target] = {k: swap_halves(v) if swap and k in ("lora_B.weight", "dora_scale") else v for k, v in m.items()}
         else:
+            require_lora(m, target)
             groups.setdefault(target, [None] * count)[index] = m
     for target, members in groups.items():
         width = next(m["lora_B.weight"].shape[0] for m in members if m is not None)
