@@ -90,7 +90,14 @@ def test_layouts_round_trip_and_apply_as_trained(kind, runs, tiny_sd3, tmp_path,
     expected = trainer_transformer(tiny_sd3, runs[kind], kind)
     with torch.no_grad():
         want = expected(**inputs())[0]
-    if kind == "lora":
+    if kind == "lora":  # sd-scripts' `lora_unet_<SAI name>` is read too
+        from eridiffusion.adapters.kohya import to_kohya
+
+        sai_named = {k[len("diffusion_model."):]: v for k, v in comfy.items()}
+        alphas = {k[: -len(".alpha")]: float(v) for k, v in sai_named.items() if k.endswith(".alpha")}
+        sd_scripts = read_lora(to_kohya({k: v for k, v in sai_named.items() if not k.endswith(".alpha")}, alphas, "lora_unet"))
+        c = adapter_modules(sd_scripts)
+        assert c.keys() == a.keys() and all(torch.allclose(update(c[n]), update(a[n]), atol=1e-6) for n in a)
         # ComfyUI's way: the SAI-named file's updates added to the SAI weights it names (its generic `diffusion_model.`
         # rule reads `<module>.weight` of the model's state dict); the result, back in diffusers' names, is the trainer
         sai = diffusers_to_sai(SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer", local_files_only=True).state_dict())
