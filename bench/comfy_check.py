@@ -1,6 +1,6 @@
 """Do our saved LoRA-family files apply completely in ComfyUI? Runs ComfyUI's own loader on them.
 
-For each architecture (flux, sdxl, kolors) and adapter type (lora, dora, locon, loha, lokr, lokr_factored) this
+For each architecture (flux, sdxl, kolors, sd3) and adapter type (lora, dora, locon, loha, lokr, lokr_factored) this
 trains a tiny run on CPU with our trainer, then applies the saved .safetensors the way ComfyUI's LoraLoader node
 does, with ComfyUI's unmodified code: `comfy.sd.load_lora_for_models` (model_lora_keys_unet -> convert_lora ->
 load_lora -> ModelPatcher.add_patches) and `ModelPatcher.patch_model` (comfy.lora.calculate_weight and the
@@ -8,7 +8,7 @@ weight_adapter classes). Its three silent failures are counted from its own log 
 read ("lora key not loaded"), targets the model lacks ("NOT LOADED"), and shape errors at patch time
 ("ERROR lora"). The patched weights are then compared with the trainer's: the peft model of the run's last
 step, merged by peft, converted to the original layout ComfyUI's models use (Flux: BFL names with fused qkv;
-SDXL / Kolors UNet: SGM `input_blocks...` names) by our full-checkpoint converters.
+SD3: SAI MMDiT names with fused qkv; SDXL / Kolors UNet: SGM `input_blocks...` names) by our full-checkpoint converters.
 
     max rel err = max over weights of |W_comfy - W_trainer| / |W_trainer - W_base|
 
@@ -17,7 +17,9 @@ peft / LyCORIS by those of the adapted weight. For DoRA the table's last column 
 that base-norm formula computed from the trainer's own tensors, which should be ~0.
 
 The model ComfyUI patches here: for Flux ComfyUI's real `comfy.model_base.Flux` built at the tiny model's
-size (its detect_unet_config hard-codes full-size Flux widths, which are replaced by the tiny ones); for the
+size (its detect_unet_config hard-codes full-size Flux widths, which are replaced by the tiny ones); for SD3
+ComfyUI's `comfy.model_base.SD3` detected from the weights, on a tiny model of SAI's widths (64-wide heads, as many
+as blocks, which ComfyUI's SD3 LoRA map assumes); for the
 UNets a stand-in `comfy.model_base.SDXL` instance (ComfyUI's UNetModel hard-codes GroupNorm(32), which our
 8-channel tiny UNet cannot build) whose `diffusion_model` holds exactly our SGM state dict, with ComfyUI's
 `supported_models.SDXL` config from ComfyUI's `detect_unet_config`; its key set is checked against a real
@@ -52,6 +54,7 @@ from eridiffusion import cli
 from eridiffusion.adapters import load_lora_state
 from eridiffusion.archs import get_arch_class
 from eridiffusion.archs.flux.formats import diffusers_to_bfl
+from eridiffusion.archs.sd3.formats import diffusers_to_sai
 from eridiffusion.archs.sdxl.formats import diffusers_to_sgm
 from eridiffusion.config import parse_config
 from eridiffusion.demo import DEMO_DATA_DIR
@@ -61,7 +64,8 @@ from eridiffusion.train.loop import Run
 VARIANTS = {"lora": {"type": "lora"}, "dora": {"type": "dora"}, "locon": {"type": "locon"}, "loha": {"type": "loha"},
             "lokr": {"type": "lokr"},
             "lokr_factored": {"type": "lokr", "lokr_full_rank": False, "linear": 2, "linear_alpha": 4, "lokr_factor": 4}}
-ARCHS = ("flux", "sdxl", "kolors")
+ARCHS = ("flux", "sdxl", "kolors", "sd3")
+TINY = {"sd3": {"attention_head_dim": 64, "num_attention_heads": 2}}  # SAI's widths: 64 x depth
 SGM_UNET = "model.diffusion_model."
 
 
@@ -148,6 +152,12 @@ def comfy_model(comfy, arch: str, sd: dict[str, torch.Tensor], folder: Path):
         config.set_inference_dtype(torch.float32, None)
         model = config.get_model(sd, "")
         model.diffusion_model.load_state_dict(sd, strict=True)  # every name and shape is ComfyUI's own
+        return model
+    if arch == "sd3":
+        config = comfy.supported_models.SD3(unet_config)
+        config.set_inference_dtype(torch.float32, None)
+        model = config.get_model(sd, "")
+        model.diffusion_model.load_state_dict(sd, strict=True)
         return model
     config = comfy.supported_models.SDXL(unet_config)
     config.set_inference_dtype(torch.float32, None)
@@ -240,6 +250,8 @@ def trainer_weights(cfg: dict, run_dir: Path) -> tuple[dict, dict, dict]:
 def original_layout(arch: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if arch == "flux":
         return diffusers_to_bfl(state)
+    if arch == "sd3":
+        return diffusers_to_sai(state)
     unet = dict(state)
     extra = {k: unet.pop(k) for k in list(unet) if k.startswith("encoder_hid_proj.")}
     return {**{k[len(SGM_UNET):]: v for k, v in diffusers_to_sgm({"unet": unet}).items()}, **extra}
@@ -308,7 +320,7 @@ def main(argv=None) -> int:
     for arch in args.archs.split(","):
         model_dir = work / "models" / arch
         if not model_dir.exists():
-            get_arch_class(arch).build_tiny(model_dir)
+            get_arch_class(arch).build_tiny(model_dir, **TINY.get(arch, {}))
         for variant in args.types.split(","):
             rows.append(check(comfy, arch, variant, model_dir, work, args.steps, args.all_layers))
             print(json.dumps(rows[-1]), flush=True)

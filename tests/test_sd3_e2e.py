@@ -1,12 +1,11 @@
-"""End to end on a tiny random-weight SD 3.5: the CLI trains with falling loss, the saved LoRA loads through
-diffusers' StableDiffusion3Pipeline.load_lora_weights and reproduces the trainer's transformer, a folder without
-T5 trains on zeros in its place, and what this slice does not read yet is refused by name."""
+"""End to end on a tiny random-weight SD 3.5: the CLI trains with falling loss, the saved LoRA file itself (alpha
+folded, no `.alpha`) loads through diffusers' StableDiffusion3Pipeline.load_lora_weights and reproduces the trainer's
+transformer, and reloads through our own loader into a network of its alpha; a folder without T5 trains on zeros in
+its place."""
 from __future__ import annotations
 
 import logging
 import re
-import shutil
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -34,40 +33,48 @@ def test_loss_falls(tiny_sd3, dataset, tmp_path, write_config):
 def test_saved_lora_loads_in_diffusers_and_matches_the_trainer(tiny_sd3, dataset, tmp_path, write_config, caplog):
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
+    from eridiffusion.adapters import load_lora_file_state
+    from eridiffusion.archs.sd3 import SD3
+
     cfg = sd3_config(tiny_sd3, dataset, tmp_path / "out", steps=6, network={"linear": 4, "linear_alpha": 2},
                      save={"diffusers_lora": True})
     assert cli.main([str(write_config(cfg))]) == 0
     run = tmp_path / "out" / "test_lora"
     assert any((run / "samples").iterdir())  # the step-0 and final previews went through the SD3 pipeline
-    # the main file: diffusers names with ComfyUI's `.alpha` per module, which diffusers' SD3 loader refuses
-    # ("all LoRA param names contain 'lora'"); its twin, written by diffusers' own saver, carries alpha as metadata
+    # diffusers' names, each LoRA's alpha/rank (0.5) folded into lora_B: no `.alpha`, which diffusers' SD3 loader
+    # refuses and without which ComfyUI's applies scale 1.0, as diffusers does
     main = load_file(run / "test_lora.safetensors")
-    assert main and all(k.startswith("transformer.transformer_blocks.") for k in main)
-    assert {k for k in main if k.endswith(".alpha")} and all(float(v) == 2 for k, v in main.items() if k.endswith(".alpha"))
-    file = run / "test_lora.diffusers.safetensors"
-    saved = load_file(file)
-    assert {k for k in saved} == {k for k in main if not k.endswith(".alpha")}
+    assert main and all(k.startswith("transformer.transformer_blocks.") and ".lora_" in k for k in main)
+    assert load_file(run / "test_lora.diffusers.safetensors").keys() == main.keys()  # save.diffusers_lora's copy
+
+    kw = dict(hidden_states=torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0)),
+              encoder_hidden_states=torch.randn(1, 12, 64, generator=torch.Generator().manual_seed(1)),
+              pooled_projections=torch.randn(1, 64, generator=torch.Generator().manual_seed(2)),
+              timestep=torch.tensor([500.0]), return_dict=False)
+    modules = sorted({k[len("transformer."):].rsplit(".lora_", 1)[0] for k in main})
+    ours = SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer", local_files_only=True)
+    inject_lora(ours, modules, LoraSpec(rank=4, alpha=2))
+    load_lora_state(ours, load_state(latest_state(run))["lora"]["transformer"])
+    with torch.no_grad():
+        expected = ours(**kw)[0]
+        base = SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer", local_files_only=True)(**kw)[0]
+    assert not torch.allclose(base, expected, atol=1e-4)  # the LoRA changes the output
 
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3, local_files_only=True)
     with caplog.at_level(logging.WARNING):
-        pipe.load_lora_weights(file)
+        pipe.load_lora_weights(run / "test_lora.safetensors")
     problems = [r.getMessage() for r in caplog.records if re.search(r"unexpected keys|missing keys", r.getMessage(), re.I)]
     assert not problems
-    modules = {k[len("transformer."):].rsplit(".lora_", 1)[0] for k in saved if ".lora_" in k}
-    loaded = {k: v for k, v in pipe.transformer.state_dict().items() if ".lora_" in k}
-    assert len(loaded) == 2 * len(modules) == len([k for k in saved if ".lora_" in k])
-
-    ours = SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer", local_files_only=True)
-    inject_lora(ours, sorted(modules), LoraSpec(rank=4, alpha=2))
-    load_lora_state(ours, load_state(latest_state(run))["lora"]["transformer"])
-    torch.manual_seed(0)
-    kw = dict(hidden_states=torch.randn(1, 16, 8, 8), encoder_hidden_states=torch.randn(1, 12, 64),
-              pooled_projections=torch.randn(1, 64), timestep=torch.tensor([500.0]), return_dict=False)
+    assert len({k for k in pipe.transformer.state_dict() if ".lora_" in k}) == len(main)
     with torch.no_grad():
-        expected, got = ours(**kw)[0], pipe.transformer(**kw)[0]
-        base = SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer", local_files_only=True)(**kw)[0]
-    assert not torch.allclose(base, expected, atol=1e-4)  # the LoRA changes the output...
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)  # ...and diffusers applies it the same way
+        torch.testing.assert_close(pipe.transformer(**kw)[0], expected, atol=1e-5, rtol=1e-5)  # diffusers applies it as trained
+
+    # our own loader (network.pretrained_lora_path, the tools) puts it back into a network of alpha 2 with lora_B unfolded
+    again = SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer", local_files_only=True)
+    inject_lora(again, modules, LoraSpec(rank=4, alpha=2))
+    load_lora_file_state(again, SD3.lora_from_file(None, main)["transformer"])
+    with torch.no_grad():
+        torch.testing.assert_close(again(**kw)[0], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_folder_without_t5_trains(tmp_path, dataset, write_config):
@@ -87,35 +94,9 @@ def test_folder_without_t5_trains(tmp_path, dataset, write_config):
     assert embeds.shape == (1, 77 + 256, 64) and not embeds[:, 77:].any()  # zeros where T5's tokens would be
 
 
-def test_single_file_is_refused_by_name(tiny_sd3, dataset, tmp_path, write_config, capsys):
-    file = tmp_path / "sd3.5_medium.safetensors"
-    shutil.copy(tiny_sd3 / "transformer" / "diffusion_pytorch_model.safetensors", file)
-    cfg = train_config(file, dataset, tmp_path / "out", model={"name_or_path": str(file), "arch": "sd3",
-                                                                 "extras_name_or_path": str(tiny_sd3)})
-    assert cli.main([str(write_config(cfg))]) == 1
-    assert "single-file checkpoints are not supported yet for sd3" in capsys.readouterr().err
-
-
 def test_legacy_is_v3_flag_selects_sd3(tiny_sd3, dataset, tmp_path, write_config):
     cfg = train_config(tiny_sd3, dataset, tmp_path / "out", steps=1, model={"arch": None, "is_v3": True})
     assert cli.main([str(write_config(cfg))]) == 0
-
-
-def test_full_fine_tune_is_refused_before_loading(tiny_sd3, dataset, tmp_path, write_config, capsys):
-    cfg = sd3_config(tiny_sd3, dataset, tmp_path / "out")
-    del cfg["config"]["process"][0]["network"]
-    assert cli.main([str(write_config(cfg))]) == 1
-    assert "full fine-tune (no network section) is not supported yet for sd3" in capsys.readouterr().err
-
-
-def test_lora_convert_and_merge_are_refused(tiny_sd3, dataset, tmp_path, write_config, capsys):
-    assert cli.main([str(write_config(sd3_config(tiny_sd3, dataset, tmp_path / "out", steps=1)))]) == 0
-    file = tmp_path / "out" / "test_lora" / "test_lora.safetensors"
-    capsys.readouterr()
-    assert cli.main(["lora", "convert", str(file), "--to", "comfy", "-o", str(tmp_path / "c.safetensors")]) == 1
-    assert "sd3 LoRA files convert to no other layout yet" in capsys.readouterr().err
-    assert cli.main(["lora", "merge", "--base", str(tiny_sd3), "--lora", str(file), "-o", str(tmp_path / "m")]) == 1
-    assert "trainer lora merge is not supported yet for sd3" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("storage", [None, "int8"])

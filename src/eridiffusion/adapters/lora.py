@@ -128,17 +128,18 @@ def load_lora_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
 
 
 def load_lora_file_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """The inverse of lora_file_state: a file's tensors into the injected layers. A LoRA module whose `.alpha`
-    differs from its layer's (a file with alpha folded into lora_B says alpha = rank) is rescaled so that the
-    layer applies the file's update; other `.alpha` entries are ignored."""
+    """The inverse of lora_file_state: a file's tensors into the injected layers. A LoRA whose file alpha/rank
+    differs from the layer's scale (a file with alpha/rank folded into lora_B, or trained at another alpha) has
+    its lora_B rescaled, so that the layer applies the update the file describes."""
+    layers = _adapter_layers(module)
     alphas = {k[: -len(".alpha")]: float(v) for k, v in state.items() if k.endswith(".alpha")}
-    state, layers = {k: v for k, v in state.items() if not k.endswith(".alpha")}, _adapter_layers(module)
-    for name, layer in layers.items():
-        up, down = state.get(f"{name}.lora_B.weight"), state.get(f"{name}.lora_A.weight")
-        if isinstance(layer, LoraLayer) and name in alphas and up is not None and down is not None:
-            factor = alphas[name] / down.shape[0] / layer.scaling[ADAPTER]
-            if factor != 1.0:
-                state[f"{name}.lora_B.weight"] = (up.float() * factor).to(up.dtype)
+    state = {k: v for k, v in state.items() if not k.endswith(".alpha")}
+    for name, alpha in alphas.items():
+        key, layer = f"{name}.lora_B.weight", layers.get(name)
+        if key in state and isinstance(layer, LoraLayer):
+            scale = alpha / state[f"{name}.lora_A.weight"].shape[0]
+            if scale != layer.scaling[ADAPTER]:
+                state[key] = (state[key].float() * (scale / layer.scaling[ADAPTER])).to(state[key].dtype)
     for key in [k for k in state if k.endswith(DORA_SCALE)]:
         t = state.pop(key)
         state[key[: -len(DORA_SCALE)] + MAGNITUDE] = t.reshape(1, -1, 1, 1) if t.dim() == 4 else t.reshape(-1)

@@ -68,3 +68,27 @@ def merge_into(model: torch.nn.Module | dict, state: dict[str, torch.Tensor], st
             new = new * t["dora_scale"].float().reshape(-1, *[1] * (w.dim() - 1)) / norm
         weight.copy_((w + strength * (new - w)).to(weight.dtype))
     return len(modules)
+
+
+def fold_alphas(state: dict[str, torch.Tensor], with_dora: bool = False) -> dict[str, torch.Tensor]:
+    """An adapter state with each plain LoRA's (and with `with_dora`, each DoRA's) alpha/rank folded into its lora_B
+    and its `.alpha` dropped: the same update for loaders that read no alpha (scale 1.0: diffusers, and ComfyUI for
+    a file without `.alpha`). LoHa and LoKr modules keep their tensors and alpha."""
+    out = dict(state)
+    for name, t in adapter_modules(state).items():
+        if set(t) - {"dora_scale"} == {"lora_A.weight", "lora_B.weight", "alpha"} and (with_dora or "dora_scale" not in t):
+            scale = float(t["alpha"]) / t["lora_A.weight"].shape[0]
+            up = t["lora_B.weight"]
+            out[f"{name}.lora_B.weight"] = up if scale == 1.0 else (up.float() * scale).to(up.dtype)
+            del out[f"{name}.alpha"]
+    return out
+
+
+def rank_alphas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An adapter state with `.alpha` = rank (scale 1, as loaders read a LoRA without alpha) for every LoRA module
+    that has none, so that code reading alphas sees the file's real scale."""
+    out = dict(state)
+    for name, t in adapter_modules(state).items():
+        if "lora_A.weight" in t and "alpha" not in t:
+            out[f"{name}.alpha"] = torch.tensor(float(t["lora_A.weight"].shape[0]))
+    return out

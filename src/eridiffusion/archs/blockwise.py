@@ -90,6 +90,13 @@ class DictReader:
         return self.tensors.pop(key)
 
 
+def split_rows(t: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
+    """A fused weight's rows split into pieces, each with its own storage (safetensors will not save views);
+    float8, which has few CPU kernels, is split as bytes."""
+    raw = t.view(torch.uint8) if t.dtype in FLOAT8 else t
+    return [p.clone().view(t.dtype) for p in raw.split(widths)]
+
+
 def folder_readers(folder: Path) -> dict[str, SafetensorsReader]:
     """key -> reader over every .safetensors file of a diffusers component folder (sharded or not)."""
     files = sorted(folder.glob("*.safetensors"))

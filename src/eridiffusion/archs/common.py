@@ -6,8 +6,9 @@ import hashlib
 from pathlib import Path
 
 
-def require_diffusers_folder(path: str, subfolders: list[str]) -> Path:
-    """Check a local diffusers folder has what we will load, naming the first missing file."""
+def require_diffusers_folder(path: str, subfolders: list[str], configs_only: tuple[str, ...] = ()) -> Path:
+    """Check a local diffusers folder has what we will load, naming the first missing file. `configs_only`:
+    subfolders whose weights come from elsewhere (a single file, model.model_paths), so need only their config."""
     root = Path(path).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"model.name_or_path: '{root}' does not exist (EriDiffusion loads local files only, nothing is downloaded)")
@@ -22,7 +23,7 @@ def require_diffusers_folder(path: str, subfolders: list[str]) -> Path:
         config = next((folder / n for n in ("config.json", "scheduler_config.json") if (folder / n).is_file()), None)
         if config is None:
             raise FileNotFoundError(f"model.name_or_path: missing {folder / 'config.json'}")
-        if sub != "scheduler" and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        if sub != "scheduler" and sub not in configs_only and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
             raise FileNotFoundError(f"model.name_or_path: no weights (*.safetensors) in {folder}")
     return root
 
@@ -57,10 +58,12 @@ def check_flow_model_keys(proc, arch: str, text_parts: tuple[str, ...], not_appl
             raise ValueError(f"train.{key} does not apply to {arch}; remove it")
 
 
-def resolve_roots(model_cfg, components: list[str], main: str) -> tuple[Path | None, Path | None, Path]:
+def resolve_roots(model_cfg, components: list[str], main: str, configs_only: tuple[str, ...] = ()
+                  ) -> tuple[Path | None, Path | None, Path]:
     """Where each part comes from: (single file of the `main` component or None, its diffusers folder or
     None, the diffusers folder of the other components). `name_or_path` may be a diffusers folder, a repo id
-    in the local HF cache, or one file of the main component; `extras_name_or_path` supplies the rest."""
+    in the local HF cache, or one file of the main component; `extras_name_or_path` supplies the rest (of the
+    `configs_only` components, whose weights come from elsewhere, only their configs)."""
     from .sources import resolve_model_source
 
     src = resolve_model_source(model_cfg.name_or_path)
@@ -73,7 +76,7 @@ def resolve_roots(model_cfg, components: list[str], main: str) -> tuple[Path | N
         raise ValueError(f"model.extras_name_or_path must be a diffusers folder or repo id, not a single file ({rest.path})")
     others = [c for c in components if c != main]
     if src.kind == "single_file":
-        return src.path, None, require_diffusers_folder(str(rest.path), others)
+        return src.path, None, require_diffusers_folder(str(rest.path), others, configs_only)
     main_root = require_diffusers_folder(str(src.path), [main])
     return None, main_root, require_diffusers_folder(str(rest.path), others) if extras else require_diffusers_folder(str(src.path), components)
 
@@ -98,16 +101,20 @@ def load_vae(vae_path: str | None, root: Path, dtype):
                             "nor a weights file")
 
 
-def load_text_encoder(cls, path: str | Path, config_root: Path, subfolder: str, dtype):
+def load_text_encoder(cls, path: str | Path, config_root: Path, subfolder: str, dtype, state: dict | None = None):
     """A transformers text encoder from its own folder, or from one weights file (ComfyUI's
-    text_encoders/clip_l.safetensors, t5xxl_fp16.safetensors, ...) with the architecture of
-    `config_root/subfolder`. Key layouts that differ only by a leading `text_model.` are accepted."""
+    text_encoders/clip_l.safetensors, t5xxl_fp16.safetensors, ...), or from `state` (its tensors, already read
+    from the file `path`, e.g. the part of an all-in-one checkpoint), with the architecture of
+    `config_root/subfolder`. Key layouts that differ only by a leading `text_model.` are accepted, and so are
+    the position ids older files keep (a buffer, not a weight)."""
     from .sources import load_state_dict_file
 
     path = Path(path).expanduser()
-    if path.is_dir():
+    if state is None and path.is_dir():
         return cls.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
-    state = load_state_dict_file(path, dtype=dtype)
+    if state is None:
+        state = load_state_dict_file(path, dtype=dtype)
+    state = {k: v for k, v in state.items() if not k.endswith("embeddings.position_ids")}
     from accelerate import init_empty_weights
 
     with init_empty_weights():  # parameters on the meta device, buffers (position ids) real
@@ -120,6 +127,11 @@ def load_text_encoder(cls, path: str | Path, config_root: Path, subfolder: str, 
     if unexpected or not state:
         raise ValueError(f"{path}: not a {cls.__name__} weights file for {config_root / subfolder} "
                          f"(unexpected keys such as {unexpected[:3]})")
+    projection = model.state_dict().get("text_projection.weight")
+    if projection is not None and "text_projection.weight" not in state and projection.shape[0] == projection.shape[1]:
+        import torch  # a CLIP-L file without its projection (some clip_l.safetensors): the identity, as ComfyUI uses
+
+        state["text_projection.weight"] = torch.eye(projection.shape[0], dtype=dtype)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()  # T5 files carry `shared.weight` only; the encoder's embedding is tied to it
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]

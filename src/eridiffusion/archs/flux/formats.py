@@ -17,11 +17,12 @@ import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
+from ...adapters.fused import LORA_PARTS, fuse_lora, split_lora
+from ..blockwise import split_rows
 from ..sources import SAFETENSORS_SUFFIXES, _require_weight_suffix, load_state_dict_file
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")  # the repeated blocks, in execution order
-FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # ComfyUI/ldm full checkpoints; bare diffusion-model files
 # Present in every FLUX.1-architecture transformer (dev, schnell, Flex.1, Fill/Depth/Canny); Chroma lacks
 # vector_in and FLUX.2 lacks per-block modulation, so neither passes
@@ -241,12 +242,6 @@ def diffusers_to_bfl(state_dict: Mapping[str, torch.Tensor], layout: BflLayout =
     return out
 
 
-def _split_rows(t: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
-    # float8 has few CPU kernels: split its bytes; .clone() gives each piece its own storage
-    raw = t.view(torch.uint8) if t.dtype in FLOAT8 else t
-    return [p.clone().view(t.dtype) for p in raw.split(widths)]
-
-
 def bfl_chunks(reader, config: Mapping, layout: BflLayout = FLUX) -> Iterator[dict[str, torch.Tensor]]:
     """BFL-layout tensors -> diffusers-layout state-dict chunks: the top-level layers, then one block at a
     time (the inverse of diffusers_to_bfl's tables, so that a block is converted without the whole file).
@@ -284,7 +279,7 @@ def bfl_chunks(reader, config: Mapping, layout: BflLayout = FLUX) -> Iterator[di
             for b, parts in fused.items():
                 widths = [hidden] * 3 + ([4 * hidden] if len(parts) == 4 else [])  # single blocks' MLP is 4x wide
                 for param in ("weight", "bias"):
-                    for name, piece in zip(parts, _split_rows(read(f"{src}{b}.{param}"), widths)):
+                    for name, piece in zip(parts, split_rows(read(f"{src}{b}.{param}"), widths)):
                         out[f"{dst}{name}.{param}"] = piece
                 if f"{src}{b}.scale_weight" in bfl:
                     scale = read(f"{src}{b}.scale_weight")
@@ -343,10 +338,8 @@ def load_flux_single_file(path: str | Path, dtype: torch.dtype = torch.bfloat16,
 
 
 # ---- LoRA files: diffusers names <-> BFL names (ComfyUI's `diffusion_model.` and kohya's `lora_unet_`) -----------
-# A LoRA on q, k and v (and the single blocks' MLP) becomes one LoRA on the fused BFL weight: A stacked, B
-# block-diagonal, each part's alpha/rank folded into B (the fused alpha equals its rank: scale 1). Splitting goes
-# back exactly with the shared A. LoHa/LoKr factors do not stack this way, so only LoRA (and DoRA) convert.
-_LORA_PARTS = {"lora_A.weight", "lora_B.weight", "alpha", "dora_scale"}
+# A LoRA on q, k and v (and the single blocks' MLP) becomes one LoRA on the fused BFL weight (adapters/fused.py);
+# LoHa/LoKr factors do not stack this way, so only LoRA (and DoRA) convert.
 
 
 def _lora_modules(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -354,8 +347,8 @@ def _lora_modules(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torc
 
     modules = adapter_modules(dict(state))
     for name, parts in modules.items():
-        if set(parts) - _LORA_PARTS:
-            raise ValueError(f"{name}.{sorted(set(parts) - _LORA_PARTS)[0]}: only LoRA and DoRA files convert between "
+        if set(parts) - LORA_PARTS:
+            raise ValueError(f"{name}.{sorted(set(parts) - LORA_PARTS)[0]}: only LoRA and DoRA files convert between "
                              "Flux layouts (LoHa/LoKr factors do not fuse into BFL's q/k/v weights)")
     return modules
 
@@ -392,28 +385,9 @@ def lora_diffusers_to_bfl(state: Mapping[str, torch.Tensor]) -> dict[str, torch.
         else:
             groups.setdefault(target, [None] * len(parts))[index] = m
     for target, members in groups.items():
-        present = [m for m in members if m is not None]
         width = next(m["lora_B.weight"].shape[0] // (4 if i == 3 else 1) for i, m in enumerate(members) if m is not None)
         rows = [4 * width if i == 3 else width for i in range(len(members))]  # single blocks' MLP is 4x wide
-        downs = [m["lora_A.weight"] for m in present]
-        rank = sum(d.shape[0] for d in downs)
-        up = torch.zeros(sum(rows), rank, dtype=downs[0].dtype)
-        row = col = 0
-        for m, height in zip(members, rows):
-            if m is not None:
-                r = m["lora_A.weight"].shape[0]
-                scale = float(m["alpha"]) / r if "alpha" in m else 1.0
-                up[row:row + height, col:col + r] = m["lora_B.weight"].float() * scale
-                col += r
-            row += height
-        out[f"{target}.lora_A.weight"] = torch.cat(downs)
-        out[f"{target}.lora_B.weight"] = up.to(downs[0].dtype)
-        out[f"{target}.alpha"] = torch.tensor(float(rank), dtype=downs[0].dtype)
-        scales = [m.get("dora_scale") for m in members]
-        if any(s is not None for s in scales):
-            if any(s is None for s in scales):
-                raise ValueError(f"{target}: DoRA on only some of its fused parts cannot be written in BFL names")
-            out[f"{target}.dora_scale"] = torch.cat(scales)
+        out.update({f"{target}.{k}": v for k, v in fuse_lora(members, rows, target).items()})
     return out
 
 
@@ -444,18 +418,9 @@ def lora_bfl_to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.
             out.update({f"{target}.{k}": v for k, v in m.items()})
             continue
         parts = fused[inner]
-        total = m["lora_B.weight"].shape[0]
-        width = total // (7 if len(parts) == 4 else 3)
+        width = m["lora_B.weight"].shape[0] // (7 if len(parts) == 4 else 3)
         rows = [4 * width if j == 3 else width for j in range(len(parts))]
-        ups = m["lora_B.weight"].split(rows)
-        scales = m["dora_scale"].split(rows) if "dora_scale" in m else [None] * len(parts)
-        for part, up, scale in zip(parts, ups, scales):
-            if not up.any() and scale is None:
-                continue  # a part the fused LoRA does not touch
-            target = f"{src_prefix}{i}.{part}"
-            out.update({f"{target}.lora_A.weight": m["lora_A.weight"], f"{target}.lora_B.weight": up.contiguous()})
-            if "alpha" in m:
-                out[f"{target}.alpha"] = m["alpha"]
-            if scale is not None:
-                out[f"{target}.dora_scale"] = scale.contiguous()
+        for part, piece in zip(parts, split_lora(m, rows, name)):
+            if piece is not None:
+                out.update({f"{src_prefix}{i}.{part}.{k}": v for k, v in piece.items()})
     return out

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from diffusers import HiDreamImageTransformer2DModel
 
+from ...adapters.merge import fold_alphas, rank_alphas
 from ..sources import SAFETENSORS_SUFFIXES, _require_weight_suffix, load_state_dict_file
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -107,19 +108,9 @@ def load_single_file(path: str | Path, base, extra_configs: list[dict] = ()) -> 
 
 # ---- LoRA files ---------------------------------------------------------------------------------------------------
 def lora_to_file(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """peft-named tensors with `<module>.alpha` -> `transformer.<name>` keys, alpha / rank folded into lora_B
-    (LoHa / LoKr modules keep their `.alpha`)."""
-    out = {}
-    for key, value in state.items():
-        module, _, leaf = key.rpartition(".")
-        if leaf == "alpha" and f"{module}.lora_A.weight" in state:
-            continue
-        if key.endswith(".lora_B.weight") and f"{key[:-len('.lora_B.weight')]}.alpha" in state:
-            name = key[: -len(".lora_B.weight")]
-            scale = float(state[f"{name}.alpha"]) / state[f"{name}.lora_A.weight"].shape[0]
-            value = value if scale == 1.0 else (value.float() * scale).to(value.dtype)
-        out[FILE_PREFIX + key] = value
-    return out
+    """peft-named tensors with `<module>.alpha` -> `transformer.<name>` keys, alpha / rank folded into lora_B of
+    LoRA, LoCon and DoRA modules (LoHa / LoKr modules keep their `.alpha`)."""
+    return {FILE_PREFIX + k: v for k, v in fold_alphas(state, with_dora=True).items()}
 
 
 def lora_from_file(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -127,8 +118,4 @@ def lora_from_file(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     bad = [k for k in tensors if not k.startswith(FILE_PREFIX)]
     if bad:
         raise ValueError(f"not a diffusers-layout HiDream LoRA (key '{bad[0]}' lacks the '{FILE_PREFIX}' prefix)")
-    state = {k[len(FILE_PREFIX):]: v for k, v in tensors.items()}
-    for key in [k for k in state if k.endswith(".lora_A.weight")]:
-        name = key[: -len(".lora_A.weight")]
-        state.setdefault(f"{name}.alpha", torch.tensor(float(state[key].shape[0])))
-    return state
+    return rank_alphas({k[len(FILE_PREFIX):]: v for k, v in tensors.items()})
