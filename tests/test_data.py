@@ -1,7 +1,6 @@
 import math
 import os
 import random
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
