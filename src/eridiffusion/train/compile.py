@@ -15,11 +15,13 @@ def want_compile(setting: bool | None, device: torch.device) -> bool:
     return device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
-def compile_denoiser(denoiser: torch.nn.Module, backend="inductor") -> None:
+def compile_denoiser(denoiser: torch.nn.Module, blocks=(), backend="inductor") -> None:
+    """Compile each of `blocks` (the architecture's repeated blocks), else the classes diffusers names in
+    `_repeated_blocks`, else the whole denoiser as one graph (SD3's and HiDream's classes name none)."""
     # Inductor's coalescing analysis asserted on the dynamic-shape graph of small buckets (torch 2.11, H100)
     torch._inductor.config.triton.coalesce_tiling_analysis = False
     names = set(getattr(denoiser, "_repeated_blocks", None) or ())
-    blocks = [m for m in denoiser.modules() if type(m).__name__ in names] or [denoiser]
+    blocks = list(blocks) or [m for m in denoiser.modules() if type(m).__name__ in names] or [denoiser]
 
     warned = []
 

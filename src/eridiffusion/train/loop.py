@@ -318,7 +318,7 @@ class Run:
             self.block_swap = BlockSwap(blocks, self.base.swap_blocks, self.device)
             self.block_swap.attach()
         if want_compile(proc.model.compile, self.device):
-            compile_denoiser(self.arch.denoiser)
+            compile_denoiser(self.arch.denoiser, blocks)
         self.train_mode(True)
         # optimizer_state_device: cpu moves the state off the GPU; a CPU run keeps it in host memory anyway
         self.state_on_host = tc.optimizer_state_device == "cpu" and self.device.type == "cuda"

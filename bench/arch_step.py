@@ -1,0 +1,193 @@
+"""Issue 11's GPU figures: our LoRA step on full-size SD 3.5 Large, Chroma or HiDream-I1 (random weights, 1024²,
+bs 1, rank 16, cached latents and text embeddings) with the memory plan a 24 GB card would get (`train.memory:
+auto`'s make_plan over the model's size and a 24 GiB budget), inside that cap, through the run's own code (the
+architecture's training_loss, FrozenBase, BlockSwap, checkpointing, regional compile, Stepper). LoRA on the same
+Linear names as ../shared/bench/reference_step.py (its sd35l_bs1_ckpt and hidream_bs1_ckpt; Chroma, which it
+lacks, on flux_bs1_ckpt's names, to set beside that case): run both in one device call and compare ratios.
+
+  PYTHONPATH=src python3 bench/arch_step.py {sd3|chroma|hidream} [--cap GIB] [--storage float8|none] [--swap K]
+  PYTHONPATH=src python3 bench/arch_step.py hidream --small    # the same classes a few widths wide, on the CPU
+
+`--storage` / `--swap` override the plan's choice. Prints one JSON line: s/step (mean of 8 after 4 warm-up steps),
+peak GiB, the plan.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from eridiffusion.adapters import LoraSpec, inject_lora
+from eridiffusion.archs import get_arch_class
+from eridiffusion.archs.blockwise import FrozenBase, block_units, finish_loaded
+from eridiffusion.config import parse_config
+from eridiffusion.data import Batch
+from eridiffusion.objectives.flow import FlowShift
+from eridiffusion.quant import Quantizer
+from eridiffusion.train.compile import compile_denoiser
+from eridiffusion.train.loop import Stepper
+from eridiffusion.train.memory import ModelSize, enable_checkpointing, lora_state_bytes, make_plan, usable_gpu_memory
+from eridiffusion.train.optim import build_optimizer, build_scheduler
+
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention backward fails on Flux shapes (torch 2.11 + CUDA 13)
+
+# reference_step.py's LoRA targets per case (Chroma: its flux case's)
+TARGETS = {
+    "sd3": ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out", "ff.net.0.proj",
+            "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"],
+    "chroma": ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out", "ff.net.0.proj",
+               "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"],
+    "hidream": ["to_q", "to_k", "to_v", "to_out", "to_q_t", "to_k_t", "to_v_t", "to_out_t"],
+}
+
+
+def model_and_text(arch: str, small: bool, dev, r):
+    """The denoiser's class and config (reference_step.py's full-size ones; Chroma1-HD's is diffusers' default),
+    and one prompt's cached embeddings in the architecture's own format."""
+    from diffusers import ChromaTransformer2DModel, HiDreamImageTransformer2DModel, SD3Transformer2DModel
+
+    if arch == "sd3":
+        cfg = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
+                   num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048,
+                   pos_embed_max_size=192, qk_norm="rms_norm", dual_attention_layers=())
+        if small:
+            cfg.update(num_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                       caption_projection_dim=16, pooled_projection_dim=16)
+        text = lambda: {"prompt_embeds": r(1, 8 if small else 77 + 256, cfg["joint_attention_dim"]),
+                        "pooled_prompt_embeds": r(1, cfg["pooled_projection_dim"])}
+        return SD3Transformer2DModel, cfg, text
+    if arch == "chroma":
+        cfg = dict(num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                   axes_dims_rope=(4, 6, 6), approximator_num_channels=16, approximator_hidden_dim=32,
+                   approximator_layers=2) if small else {}
+        tokens = 8 if small else 512
+        text = lambda: {"prompt_embeds": r(1, tokens, cfg.get("joint_attention_dim", 4096)),
+                        "attention_mask": torch.ones(1, tokens, dtype=torch.bool, device=dev)}
+        return ChromaTransformer2DModel, cfg, text
+    cfg = dict(patch_size=2, in_channels=16, out_channels=16, num_layers=16, num_single_layers=32, attention_head_dim=128,
+               num_attention_heads=20, caption_channels=[4096, 4096], text_emb_dim=2048, num_routed_experts=4,
+               num_activated_experts=2, axes_dims_rope=(64, 32, 32), max_resolution=(128, 128),
+               llama_layers=list(range(32)) + [31] * 16)
+    if small:
+        cfg.update(num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2, caption_channels=[32, 32],
+                   text_emb_dim=16, axes_dims_rope=(8, 4, 4), max_resolution=(16, 16), llama_layers=[0, 1, 1])
+    tokens, layers = (8, 2) if small else (128, 32)
+    text = lambda: {"prompt_embeds_t5": r(1, tokens, cfg["caption_channels"][0]),
+                    "prompt_embeds_llama3": r(1, layers, tokens, cfg["caption_channels"][1]),
+                    "pooled_prompt_embeds": r(1, cfg["text_emb_dim"])}
+    return HiDreamImageTransformer2DModel, cfg, text
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("arch", choices=sorted(TARGETS))
+    ap.add_argument("--cap", type=float, default=24.0, help="GiB the process may use (a 24 GB card: 24)")
+    ap.add_argument("--storage", choices=["float8", "nf4", "none"], help="override the plan's base storage")
+    ap.add_argument("--swap", type=int, help="override the plan's swapped block count")
+    ap.add_argument("--small", action="store_true")
+    args = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    g = torch.Generator(dev).manual_seed(0)
+    r = lambda *s: torch.randn(*s, device=dev, dtype=torch.bfloat16, generator=g)
+    cls_, cfg, text = model_and_text(args.arch, args.small, dev, r)
+    config = {"job": "extension", "config": {"name": "bench", "process": [{
+        "type": "sd_trainer", "device": str(dev), "network": {"type": "lora", "linear": 16, "linear_alpha": 16},
+        "datasets": [{"folder_path": "unused"}], "model": {"name_or_path": "unused", "arch": args.arch},
+        "train": {"batch_size": 1, "lr": 1e-4, "optimizer": "adamw", "dtype": "bf16", "gradient_checkpointing": True}}]}}
+    arch = get_arch_class(args.arch)(parse_config(config).config.process[0], dev, torch.bfloat16)
+    exclude = list(arch.quantize_exclude)
+
+    # the plan, as train.memory: auto makes it from the meta-device skeleton and the usable memory under the cap
+    with torch.device("meta"):
+        skeleton = cls_(**cfg)
+    blocks = block_units(skeleton, arch.block_lists)
+    size = ModelSize.of(skeleton, blocks, exclude)
+    if cuda:
+        total = torch.cuda.get_device_properties(dev).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.cap * 2**30 / total)
+        budget = usable_gpu_memory(dev)
+        torch.cuda.set_per_process_memory_fraction(1.0)  # built in bf16 first, then quantized in place
+    else:
+        budget = args.cap * 2**30
+    plan = make_plan(size, budget=budget, tokens=1024**2 // 256 + 512, batch=1, lora_bytes=lora_state_bytes(size, 16))
+    storage = plan.storage if args.storage is None else (None if args.storage == "none" else args.storage)
+    swap = plan.swap_blocks if args.swap is None else args.swap
+    base = FrozenBase(dev, torch.bfloat16, quantizer=Quantizer(storage, exclude), swap_blocks=swap)
+
+    torch.set_default_dtype(torch.bfloat16)
+    with dev:
+        model = cls_(**cfg)
+    torch.set_default_dtype(torch.float32)
+    finish_loaded(model, base, arch.block_lists)  # quantized in place, swapped blocks to host memory
+    arch.base = base
+    if args.arch == "hidream":  # (its load() builds the pipeline; these are what training reads)
+        arch.transformer = arch.denoiser = model
+        arch.shift, arch.vae_scale_factor = FlowShift(shift=3.0), 8
+    else:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        arch.attach(transformer=model, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(args.cap * 2**30 / total)
+
+    names = [n for n in arch.lora_components(transformer_only=True, train_text_encoder=False)["transformer"].linear
+             if any(n == t or n.endswith("." + t) for t in TARGETS[args.arch])]
+    params = inject_lora(model, names, LoraSpec(rank=16, alpha=16), seed=0)
+    for p in params:
+        p.data = p.data.to(dev)
+    block_modules = [b for n in arch.block_lists for b in getattr(model, n)]
+    if plan.checkpointing or swap:  # block swap needs checkpointing
+        enable_checkpointing(model, block_modules[:plan.whole_blocks if swap == plan.swap_blocks else 0])
+    if swap:
+        from eridiffusion.train.offload import BlockSwap
+
+        BlockSwap(block_modules, swap, dev).attach()
+    model.train()
+    if cuda:
+        compile_denoiser(model, block_modules)
+    opt = build_optimizer("adamw", params, 1e-4, {})
+    stepper = Stepper(arch, params, opt, build_scheduler("constant", opt, {}, 100), dtype=torch.bfloat16,
+                      max_grad_norm=1.0, generator=torch.Generator(dev).manual_seed(0))
+    side = 16 if args.small else 128
+    batch = Batch(pixels=None, latents=r(1, 16, side, side), captions=[""], text=text(), original_sizes=[(1024, 1024)],
+                  crop_top_lefts=[(0, 0)], target_sizes=[(1024, 1024)], paths=[], loss_weights=torch.ones(1))
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def timed():
+        losses = [float(stepper.step([batch])) for _ in range(4)]
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        for _ in range(8):
+            stepper.step([batch])
+        sync()
+        return losses, time.perf_counter() - t
+
+    fallback = None
+    try:
+        losses, seconds = timed()
+    except torch.cuda.OutOfMemoryError as e:  # the plan's estimate was short: say so, and time every block checkpointed
+        fallback = f"out of memory with the plan ({str(e).splitlines()[0][:120]}); every block checkpointed instead"
+        print(fallback, flush=True)
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        enable_checkpointing(model)
+        losses, seconds = timed()
+    key = f"{args.arch}_bs1_cap{args.cap:g}" + (f"_{args.storage}" if args.storage else "") + (f"_swap{args.swap}" if args.swap is not None else "")
+    result = {key: {"step_s": round(seconds / 8, 4), "fallback": fallback,
+                    "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                    "n_lora": sum(p.numel() for p in params), "lora_layers": len(names), "warmup_losses": [round(x, 4) for x in losses],
+                    "plan": plan.line(), "storage": storage, "swap": swap, "blocks": len(blocks)}}
+    print(json.dumps(result), flush=True)
+    if os.environ.get("OUT"):
+        json.dump(result, open(os.path.join(os.environ["OUT"], f"ours_{key}.json"), "w"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
