@@ -180,6 +180,8 @@ def swap_request(proc, n_blocks: int) -> int:
 
 def usable_gpu_memory(device: torch.device) -> float:
     """Free memory on the device, within any per-process cap (set_per_process_memory_fraction)."""
+    if device.index is None:  # `device: cuda`
+        device = torch.device("cuda", torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)
     fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
     cap = total * fraction - torch.cuda.memory_reserved(device)
