@@ -113,7 +113,8 @@ def main():
         torch.cuda.set_per_process_memory_fraction(1.0)  # built in bf16 first, then quantized in place
     else:
         budget = args.cap * 2**30
-    plan = make_plan(size, budget=budget, tokens=1024**2 // 256 + 512, batch=1, lora_bytes=lora_state_bytes(size, 16))
+    plan = make_plan(size, budget=budget, tokens=1024**2 // 256 + 512, batch=1, lora_bytes=lora_state_bytes(size, 16),
+                     keep_whole=getattr(arch, "plan_whole_blocks", True))
     storage = plan.storage if args.storage is None else (None if args.storage == "none" else args.storage)
     swap = plan.swap_blocks if args.swap is None else args.swap
     base = FrozenBase(dev, torch.bfloat16, quantizer=Quantizer(storage, exclude), swap_blocks=swap)

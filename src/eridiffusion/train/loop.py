@@ -434,7 +434,7 @@ class Run:
                   (4.0 if proc.train.optimizer_state_device == "cpu" else 12.0) *
                   sum([*size.unit_linear.values(), *size.unit_other.values()]))
         if auto:  # a full fine-tune trains the weights themselves: neither quantized nor swapped
-            plan = make_plan(size, **kw, fp8_matmul=base.float8_matmul,
+            plan = make_plan(size, **kw, fp8_matmul=base.float8_matmul, keep_whole=getattr(self.arch, "plan_whole_blocks", True),
                              **({"candidates": ((None, False, False), (None, True, False))} if self.full else {}))
         else:
             plan = estimate(size, base.quantizer.storage, swap, proc.train.gradient_checkpointing, **kw)

@@ -104,16 +104,17 @@ def estimate(size: ModelSize, storage: str | None, swap: int, checkpointing: boo
 
 
 def make_plan(size: ModelSize, *, budget: float, tokens: int, batch: int, lora_bytes: float,
-              candidates=CANDIDATES, fp8_matmul: bool = False) -> Plan:
+              candidates=CANDIDATES, fp8_matmul: bool = False, keep_whole: bool = True) -> Plan:
     """The first candidate whose estimated peak fits, with as few swapped blocks as fit; a checkpointed plan
-    without swap then keeps as many blocks whole as still fit (each one less recompute: ~1 % of a Flux step)."""
+    without swap then keeps as many blocks whole as still fit (each one less recompute: ~1 % of a Flux step),
+    unless `keep_whole` is false (an architecture whose unrecomputed blocks the estimate is not calibrated for)."""
     kw = dict(budget=budget, tokens=tokens, batch=batch, lora_bytes=lora_bytes, fp8_matmul=fp8_matmul)
     tried = []
     for storage, ckpt, may_swap in candidates:
         for swap in range(1 if may_swap else 0, len(size.blocks) + 1 if may_swap else 1):
             plan = estimate(size, storage, swap, ckpt, **kw)
             if plan.expected_peak <= budget:
-                while ckpt and not swap and plan.whole_blocks < len(size.blocks):
+                while keep_whole and ckpt and not swap and plan.whole_blocks < len(size.blocks):
                     wider = estimate(size, storage, 0, True, whole=plan.whole_blocks + 1, **kw)
                     if wider.expected_peak > budget:
                         break

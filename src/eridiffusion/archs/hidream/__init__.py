@@ -35,6 +35,9 @@ LLAMA_DEFAULT = "unsloth/Meta-Llama-3.1-8B-Instruct"  # ai-toolkit's default (th
 class HiDream:
     base_model_version = "hidream_i1"
     block_lists = BLOCK_LISTS  # the repeated blocks, in execution order (block swap, block-wise loading)
+    # train.memory: auto keeps every block checkpointed: a 24 GiB card ran out of memory with the 3 MoE blocks kept
+    # whole that the estimate (calibrated on Flux's blocks) allowed (bench/RESULTS.md, issue 11)
+    plan_whole_blocks = False
     # kept in full precision when the base is quantized: the patch, timestep and pooled-text embedders and the
     # output layer are small and every token goes through them (the 49 caption projections, 0.5B weights, are not)
     quantize_exclude = ["x_embedder*", "t_embedder*", "p_embedder*", "final_layer*"]
