@@ -154,16 +154,20 @@ def _control_for(path: Path, folder: Path) -> Path | None:
     return None
 
 
+def _refuse_clips(clips: list[Path], cfg: Any, where: str, rule: tuple[int, int] | None) -> None:
+    more = f" (and {len(clips) - 1} more)" if len(clips) > 1 else ""
+    why = ("the model (model.arch) trains on still images; move clips out of {where}.folder_path, or train a video "
+           "architecture" if rule is None else
+           "{where}.num_frames is 1; set num_frames (e.g. 81) to train on clips, or move them out of {where}.folder_path")
+    raise DataError(f"{clips[0]}{more} is a video clip, and " + why.format(where=where))
+
+
 def _item_fields(path: Path, cfg: Any, where: str, rule: tuple[int, int] | None) -> dict:
     """What an item takes from its file (and its control's): size, frames. ImageError / ClipError: skip the file
     (unreadable, too short, bad control); DataError: a clip the config cannot take at all."""
     clip = _is_clip(path, rule)
-    if clip and rule is None:
-        raise DataError(f"{path} is a video clip, and the model (model.arch) trains on still images; move it out of "
-                        f"{where}.folder_path, or train a video architecture")
-    if clip and not _video_mode(cfg):
-        raise DataError(f"{path} is a video clip, and {where}.num_frames is 1; set num_frames (e.g. 81) to train "
-                        f"on clips, or move it out of {where}.folder_path")
+    if clip and not _video_mode(cfg):  # an animated WebP (other clips are refused by their extension first)
+        _refuse_clips([path], cfg, where, rule)
     if not clip:
         w, h = image_size(path, verify=True)
         fields = dict(original_size=(h, w), frames=None if rule is None else FrameSelection(1, 1.0, 0))
@@ -204,6 +208,9 @@ def build_items(dataset_cfgs: Sequence[Any], *, process_trigger: str | None, div
             raise DataError(f"dataset folder {folder} does not exist")
         _check_frame_keys(cfg, where, frame_rule, warn)
         paths, found, skipped = scan_images(folder, IMAGE_EXTS + VIDEO_EXTS), {}, []
+        clips = [p for p in paths if p.suffix.lower() in VIDEO_EXTS]
+        if clips and (frame_rule is None or not _video_mode(cfg)):
+            _refuse_clips(clips, cfg, where, frame_rule)
         for path in paths:
             try:
                 found[path] = _item_fields(path, cfg, where, frame_rule)
