@@ -341,6 +341,21 @@ def test_text_cache(mixed):
     assert TextCache(encode, "te-2").prepare(items, progress=False) == 11
 
 
+def test_caches_filled_in_shares_miss_nothing_whatever_the_timing(mixed):
+    """Two processes fill one disk cache in shares. If process 0 has written its share before process 1 looks,
+    process 1 must still take exactly its own share: what is cached already must not shift who does what."""
+    items = build_items([dataset_cfg(mixed, caption_dropout_rate=0.5)], process_trigger="sks", divisibility=8)
+    latents, texts = (LatentCache(avg_pool_encode, "vae", to_disk=True), LatentCache(avg_pool_encode, "vae", to_disk=True)), \
+        (TextCache(toy_text_encode, "te"), TextCache(toy_text_encode, "te"))
+    done = [latents[r].prepare(items, "cpu", torch.float32, progress=False, rank=r, world=2) for r in (0, 1)]  # 0, then 1
+    assert sum(done) == 10 and all(latents[1].get(item) is not None for item in items)
+    done = [texts[r].prepare(items, progress=False, rank=r, world=2) for r in (0, 1)]
+    assert sum(done) == 11  # 10 captions + the dropout one, each encoded once
+    for item in items:
+        for dropped in (False, True):
+            assert texts[1]._store.has(texts[1]._entry(item, dropped)[1])
+
+
 def test_pipeline_with_both_caches(mixed):
     cfg = dataset_cfg(mixed, cache_latents=True, cache_text_embeddings=True)
     pipe = DataPipeline([cfg], process_trigger=None, divisibility=8, batch_size=2, seed=0)

@@ -59,7 +59,8 @@ class _Store:
 
 def share(todo: dict, rank: int, world: int) -> dict:
     """This process's part of the work, when several fill one cache: every world-th entry in path order, so
-    no two processes write one file."""
+    no two processes write one file. `todo` must be the same on every process (every entry, cached or not: what
+    another process has already written may differ by the time each looks), else an entry can fall to none."""
     keys = sorted(todo, key=str)[rank::world]
     return {k: todo[k] for k in keys}
 
@@ -89,7 +90,8 @@ class LatentCache:
     def prepare(self, items: Iterable[Item], device: torch.device | str, dtype: torch.dtype,
                 progress: bool = True, rank: int = 0, world: int = 1) -> int:
         """Encode every item not cached yet (this process's share of them); returns how many were encoded."""
-        todo = share({path: item for item in items if not self._store.has(path := self.path(item))}, rank, world)
+        mine = share({self.path(item): item for item in items}, rank, world)
+        todo = {path: item for path, item in mine.items() if not self._store.has(path)}
         for path, item in tqdm(todo.items(), desc="caching latents", disable=not progress):
             pixels, crop, start = item.pixels(random.Random(path.name))
             entry = {"latent": self.encode(pixels[None].to(device, dtype))[0], "crop_top_left": torch.tensor(crop)}
@@ -124,13 +126,13 @@ class TextCache:
     def prepare(self, items: Iterable[Item], progress: bool = True, rank: int = 0, world: int = 1) -> int:
         """Encode every caption (and dropout caption) not cached yet (this process's share of them); returns how
         many captions were encoded."""
-        todo = defaultdict(set)
+        entries = defaultdict(set)
         for item in items:
             for dropped in (False, True) if item.caption_dropout_rate > 0 else (False,):
                 caption, path = self._entry(item, dropped)
-                if not self._store.has(path):
-                    todo[caption].add(path)
-        todo = share(todo, rank, world)
+                entries[caption].add(path)
+        todo = {caption: missing for caption, paths in share(entries, rank, world).items()
+                if (missing := {p for p in paths if not self._store.has(p)})}
         for caption, paths in tqdm(todo.items(), desc="caching text embeddings", disable=not progress):
             self._encode_into(caption, paths)
         return len(todo)
