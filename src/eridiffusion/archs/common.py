@@ -81,20 +81,22 @@ def resolve_roots(model_cfg, components: list[str], main: str, configs_only: tup
     return None, main_root, require_diffusers_folder(str(rest.path), others) if extras else require_diffusers_folder(str(src.path), components)
 
 
-def load_vae(vae_path: str | None, root: Path, dtype):
-    """The VAE from `model.vae_path` (a VAE folder, a diffusers folder with vae/, or a single file read
-    with diffusers' converter and the main folder's VAE config), else from `root/vae`. Returns (vae, its path)."""
+def load_vae(vae_path: str | None, root: Path, dtype, cls=None):
+    """The VAE (an AutoencoderKL unless `cls` says otherwise) from `model.vae_path` (a VAE folder, a diffusers folder
+    with vae/, or a single file read with diffusers' converter and the main folder's VAE config), else from
+    `root/vae`. Returns (vae, its path)."""
     from diffusers import AutoencoderKL
 
+    vae_cls = cls or AutoencoderKL
     if not vae_path:
-        return AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True, torch_dtype=dtype), root / "vae"
+        return vae_cls.from_pretrained(root, subfolder="vae", local_files_only=True, torch_dtype=dtype), root / "vae"
     path = Path(vae_path).expanduser()
     if (path / "config.json").is_file():
-        return AutoencoderKL.from_pretrained(path, local_files_only=True, torch_dtype=dtype), path
+        return vae_cls.from_pretrained(path, local_files_only=True, torch_dtype=dtype), path
     if (path / "vae" / "config.json").is_file():
-        return AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True, torch_dtype=dtype), path / "vae"
+        return vae_cls.from_pretrained(path, subfolder="vae", local_files_only=True, torch_dtype=dtype), path / "vae"
     if path.is_file():
-        vae = AutoencoderKL.from_single_file(str(path), config=str(root), subfolder="vae", local_files_only=True,
+        vae = vae_cls.from_single_file(str(path), config=str(root), subfolder="vae", local_files_only=True,
                                              torch_dtype=dtype)
         return vae, path
     raise FileNotFoundError(f"model.vae_path: {path} is neither a VAE folder (config.json), a diffusers folder with vae/, "
