@@ -78,7 +78,7 @@ def resolve_roots(model_cfg, components: list[str], main: str, configs_only: tup
     if src.kind == "single_file":
         return src.path, None, require_diffusers_folder(str(rest.path), others, configs_only)
     main_root = require_diffusers_folder(str(src.path), [main])
-    return None, main_root, require_diffusers_folder(str(rest.path), others) if extras else require_diffusers_folder(str(src.path), components)
+    return None, main_root, require_diffusers_folder(str(rest.path if extras else src.path), others, configs_only)
 
 
 def load_vae(vae_path: str | None, root: Path, dtype, cls=None):
