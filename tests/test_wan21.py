@@ -218,16 +218,50 @@ def test_full_fine_tune_saves_the_original_layout(tiny_wan21, dataset, tmp_path,
     assert changed and all(k.startswith("blocks.") for k in changed)
 
 
-def test_text_encoder_from_a_comfyui_file(tiny_wan21, tmp_path):
+@pytest.mark.parametrize("scaled", [False, True])
+def test_text_encoder_from_a_comfyui_file(scaled, tiny_wan21, tmp_path):
     """model.model_paths.text_encoder: a UMT5 weights file as ComfyUI's text_encoders/umt5_xxl_fp16.safetensors (the
-    encoder in transformers' names); the components folder needs only its config."""
+    encoder in transformers' names) or umt5_xxl_fp8_e4m3fn_scaled.safetensors; the components folder needs only its
+    config."""
     from transformers import UMT5EncoderModel
 
     folder = shutil.copytree(tiny_wan21, tmp_path / "wan")
-    file = tmp_path / "umt5_xxl_fp16.safetensors"
+    file = tmp_path / "umt5_xxl.safetensors"
     encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder", local_files_only=True)
-    save_file({k: v.contiguous() for k, v in encoder.state_dict().items() if k != "encoder.embed_tokens.weight"}, str(file))
+    state = {k: v.contiguous() for k, v in encoder.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    save_file(_scaled_fp8(state) if scaled else state, str(file))
     (folder / "text_encoder" / "model.safetensors").unlink()
     arch = load_arch(folder, model_paths={"text_encoder": str(file)})
-    expected = load_arch(tiny_wan21).encode_prompts(["a red circle"])["prompt_embeds"]
-    torch.testing.assert_close(arch.encode_prompts(["a red circle"])["prompt_embeds"], expected)
+    if scaled:
+        stored, loaded = _scaled_fp8(state), arch.pipe.text_encoder.state_dict()
+        w = "encoder.block.0.layer.0.SelfAttention.q.weight"
+        assert torch.equal(loaded[w], stored[w].float() * stored[w[: -len("weight")] + "scale_weight"])
+    else:
+        expected = load_arch(tiny_wan21).encode_prompts(["a red circle"])["prompt_embeds"]
+        torch.testing.assert_close(arch.encode_prompts(["a red circle"])["prompt_embeds"], expected)
+
+
+@pytest.mark.parametrize("base_kind", ["single_file", "folder"])
+def test_lora_merge_into_the_base_as_the_user_keeps_it(base_kind, tiny_wan21, tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    g = torch.Generator().manual_seed(0)
+    lora = {}
+    for name, (out_f, in_f) in {"blocks.0.self_attn.q": (24, 24), "blocks.1.ffn.2": (24, 48)}.items():
+        lora[f"diffusion_model.{name}.lora_A.weight"] = torch.randn(4, in_f, generator=g)
+        lora[f"diffusion_model.{name}.lora_B.weight"] = torch.randn(out_f, 4, generator=g)
+        lora[f"diffusion_model.{name}.alpha"] = torch.tensor(2.0)
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    base = write_tiny_wan21_single_file(tiny_wan21, tmp_path / "base.safetensors") if base_kind == "single_file" else tiny_wan21
+    out = tmp_path / ("merged.safetensors" if base_kind == "single_file" else "merged")
+    assert cli.main(["lora", "merge", "--base", str(base), "--lora", str(tmp_path / "lora.safetensors"), "-o", str(out),
+                     "--arch", "wan21"]) == 0
+    before = formats.diffusers_to_original(
+        WanTransformer3DModel.from_pretrained(tiny_wan21, subfolder="transformer", local_files_only=True).state_dict())
+    after = load_file(out) if base_kind == "single_file" else formats.diffusers_to_original(
+        WanTransformer3DModel.from_pretrained(out, subfolder="transformer", local_files_only=True).state_dict())
+    assert after.keys() == before.keys()
+    for name in ("blocks.0.self_attn.q", "blocks.1.ffn.2"):
+        delta = 0.5 * lora[f"diffusion_model.{name}.lora_B.weight"] @ lora[f"diffusion_model.{name}.lora_A.weight"]
+        torch.testing.assert_close(after[f"{name}.weight"], before[f"{name}.weight"] + delta, atol=1e-5, rtol=1e-5)
+    assert torch.equal(after["blocks.0.self_attn.k.weight"], before["blocks.0.self_attn.k.weight"])

@@ -108,7 +108,7 @@ def load_text_encoder(cls, path: str | Path, config_root: Path, subfolder: str, 
     text_encoders/clip_l.safetensors, t5xxl_fp16.safetensors, ...), or from `state` (its tensors, already read
     from the file `path`, e.g. the part of an all-in-one checkpoint), with the architecture of
     `config_root/subfolder`. Key layouts that differ only by a leading `text_model.` are accepted, and so are
-    the position ids older files keep (a buffer, not a weight)."""
+    the position ids older files keep (a buffer, not a weight) and ComfyUI's scaled fp8 (weights times `.scale_weight`)."""
     from .sources import load_state_dict_file
 
     path = Path(path).expanduser()
@@ -116,7 +116,11 @@ def load_text_encoder(cls, path: str | Path, config_root: Path, subfolder: str, 
         return cls.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
     if state is None:
         state = load_state_dict_file(path, dtype=dtype)
-    state = {k: v for k, v in state.items() if not k.endswith("embeddings.position_ids")}
+    for key in [k for k in state if k.endswith(".scale_weight")]:  # ComfyUI's scaled fp8 (umt5_xxl_fp8_e4m3fn_scaled)
+        scale, weight = state.pop(key).float(), key[: -len("scale_weight")] + "weight"
+        w = state[weight]
+        state[weight] = (w.float() * (scale.reshape(-1, *[1] * (w.dim() - 1)) if scale.numel() > 1 else scale)).to(w.dtype)
+    state = {k: v for k, v in state.items() if not k.endswith(("embeddings.position_ids", ".scale_input")) and k != "scaled_fp8"}
     from accelerate import init_empty_weights
 
     with init_empty_weights():  # parameters on the meta device, buffers (position ids) real
