@@ -47,14 +47,15 @@ def transformer_inputs(seed=0):
 
 
 def test_loss_falls_and_samples_are_clips_or_stills(tiny_wan21, dataset, tmp_path, write_config):
-    cfg = wan_config(tiny_wan21, dataset, tmp_path / "out", steps=40, save={"save_every": 1000},
-                     train={"lr": 5e-3, "timestep_type": "linear"},
+    cfg = wan_config(tiny_wan21, dataset, tmp_path / "out", steps=30, save={"save_every": 1000},
+                     train={"lr": 1e-2, "timestep_type": "linear"},
                      sample={"sample_every": 1000, "width": 48, "height": 32, "fps": 8,
                              "prompts": ["[trigger] a red circle --frames 5", "a blue square"]})
+    cfg["config"]["process"][0]["datasets"][0]["resolution"] = [32]
     assert cli.main([str(write_config(cfg))]) == 0
     run = tmp_path / "out" / "test_lora"
     losses = [r["loss"] for r in read_log(run)]
-    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
     assert last < 0.85 * first, (first, last)
     clips, stills = sorted((run / "samples").glob("*.mp4")), sorted((run / "samples").glob("*.jpg"))
     assert len(clips) == len(stills) == 2  # step 0 and the last step
