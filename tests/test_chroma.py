@@ -5,6 +5,7 @@ their tensors; a full fine-tune round-trips through that layout; the LoRA tools 
 from __future__ import annotations
 
 import logging
+import shutil
 import re
 
 import pytest
@@ -153,11 +154,42 @@ def test_wrong_files_are_named(tiny_chroma, tiny_flux, dataset, tmp_path, write_
     cfg = chroma_config(tmp_path / "flux1-dev.safetensors", dataset, tmp_path / "o1", model={"extras_name_or_path": str(tiny_chroma)})
     assert cli.main([str(write_config(cfg, "a.yaml"))]) == 1
     assert "is not a Chroma transformer" in (err := capsys.readouterr().err) and "FLUX.1 transformer" in err
-    # a FLUX.1 folder's text_encoder is CLIP: refused, saying where Chroma's T5 comes from
+    # a folder with no T5 at all: refused, saying where Chroma's T5 can come from
     file = write_single_file(tiny_chroma, tmp_path / "chroma.safetensors")
-    cfg = chroma_config(file, dataset, tmp_path / "o2", model={"extras_name_or_path": str(tiny_flux)})
+    clip_only = tmp_path / "clip-only"
+    shutil.copytree(tiny_flux, clip_only, ignore=shutil.ignore_patterns("text_encoder_2", "tokenizer_2"))
+    cfg = chroma_config(file, dataset, tmp_path / "o2", model={"extras_name_or_path": str(clip_only)})
     assert cli.main([str(write_config(cfg, "b.yaml"))]) == 1
     assert "not Chroma's T5" in capsys.readouterr().err
+
+
+def test_ai_toolkit_names_load_from_the_hf_cache(tiny_chroma, tiny_flux, dataset, tmp_path, monkeypatch, capsys):
+    """ai-toolkit's config says `name_or_path: lodestones/Chroma` (the repo's newest chroma-unlocked-vNN file) or
+    `lodestones/Chroma/vNN`, and takes T5, VAE and scheduler from ostris/Flex.1-alpha (a Flex.1 folder: its T5 is
+    text_encoder_2). Both come from the local HF cache, nothing is downloaded."""
+    from .test_sources import fake_cached_repo
+
+    cache = tmp_path / "hf"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    one = write_single_file(tiny_chroma, tmp_path / "one.safetensors", torch.float32).read_bytes()
+    fake_cached_repo(cache, "lodestones/Chroma", {f"chroma-unlocked-v{v}.safetensors": one for v in (9, 27)})
+    flex = {str(f.relative_to(tiny_flux)): f.read_bytes() for f in tiny_flux.rglob("*") if f.is_file()}
+    fake_cached_repo(cache, "ostris/Flex.1-alpha", flex)
+
+    arch = loaded_arch("lodestones/Chroma", dataset, tmp_path / "a")
+    out = capsys.readouterr().out
+    assert "chroma-unlocked-v27.safetensors" in out and "ostris/Flex.1-alpha" in out and "text_encoder_2" in out
+    assert arch.text_encoder.config.model_type == "t5"
+    reference = loaded_arch(tiny_chroma, dataset, tmp_path / "b")  # the same T5 weights and transformer
+    noisy, sigma, text = inputs(arch)
+    torch.testing.assert_close(text["prompt_embeds"], reference.encode_prompts(PROMPTS)["prompt_embeds"])
+    torch.testing.assert_close(arch.predict(noisy, sigma, text), reference.predict(noisy, sigma, text))
+
+    loaded_arch("lodestones/Chroma/v9", dataset, tmp_path / "c")
+    assert "chroma-unlocked-v9.safetensors" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="cached versions: v9, v27"):
+        loaded_arch("lodestones/Chroma/v50", dataset, tmp_path / "d")
 
 
 def test_full_fine_tune_round_trips_through_the_single_file_layout(tiny_chroma, dataset, tmp_path, write_config):

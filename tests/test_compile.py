@@ -29,3 +29,29 @@ def test_compiler_failure_falls_back_to_eager(tiny_flux, capsys):
 def test_compile_default():
     assert want_compile(None, torch.device("cpu")) is False
     assert want_compile(True, torch.device("cpu")) is True and want_compile(False, torch.device("cuda")) is False
+
+
+def test_the_architectures_blocks_are_compiled_one_by_one(tiny_sd3):
+    """SD3's diffusers class names no repeated blocks: the blocks the architecture lists are compiled each on its
+    own (one small graph per block), never the whole model as one graph."""
+    from diffusers import SD3Transformer2DModel
+
+    model = SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer", local_files_only=True)
+    assert not getattr(model, "_repeated_blocks", None)
+    graphs = []
+
+    def counting(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    compile_denoiser(model, list(model.transformer_blocks), backend=counting)
+    cfg = model.config
+    kw = dict(hidden_states=torch.randn(1, 16, 8, 8), encoder_hidden_states=torch.randn(1, 5, cfg.joint_attention_dim),
+              pooled_projections=torch.randn(1, cfg.pooled_projection_dim), timestep=torch.tensor([500.0]), return_dict=False)
+    with torch.no_grad():
+        model(**kw)
+    assert graphs  # the blocks ran compiled
+    ops = lambda g: sum(1 for n in g.graph.nodes if n.op == "call_function")
+    # no graph holds the patch embedding or the output projection: each is one block's
+    assert not any("proj_out" in str(g.code) or "pos_embed" in str(g.code) for g in graphs), [ops(g) for g in graphs]

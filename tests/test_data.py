@@ -20,7 +20,9 @@ def dataset_cfg(folder, **overrides):
                caption_dropout_rate=0.0, shuffle_tokens=False, token_dropout_rate=0.0, keep_tokens=0,
                num_repeats=1, flip_x=False, flip_y=False, resolution=[64], random_crop=False, scale=1.0,
                cache_latents=False, cache_latents_to_disk=False, cache_text_embeddings=False,
-               batch_size=None, loss_multiplier=1.0)
+               batch_size=None, loss_multiplier=1.0, num_frames=1, shrink_video_to_frames=True, fps=24,
+               auto_frame_count=False, trim_auto_frame_count_tail=True, control_path=None,
+               control_transparent_color=[0, 0, 0])
     cfg.update(overrides)
     return SimpleNamespace(**cfg)
 

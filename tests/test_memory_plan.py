@@ -149,3 +149,20 @@ def test_block_swap_without_checkpointing_is_a_clear_error(tiny_flux, dataset, t
 def test_plan_for_a_full_fine_tune_never_quantizes_or_swaps(flux_size):
     plan = make_plan(flux_size, **kw(flux_size, 22.5), candidates=((None, False, False), (None, True, False)))
     assert plan.storage is None and plan.swap_blocks == 0 and "nothing fits" in plan.line()  # 12B weights alone: 22 GiB
+
+
+def test_hidream_plan_for_a_24gb_card_keeps_every_block_checkpointed():
+    """bench/RESULTS.md issue 11.6 (H200, 24 GiB cap): float8 with 3 MoE blocks kept whole ran out of memory; float8
+    with every block checkpointed peaked at 18.57 GiB. The plan must pick the latter, estimated at or above it."""
+    from diffusers import HiDreamImageTransformer2DModel
+
+    from eridiffusion.archs.hidream import HiDream
+    from eridiffusion.archs.hidream.formats import known_configs
+
+    with torch.device("meta"):
+        model = HiDreamImageTransformer2DModel.from_config(known_configs()["hidream-i1-full"]["transformer"])
+    size = ModelSize.of(model, block_units(model, HiDream.block_lists), HiDream.quantize_exclude)
+    plan = make_plan(size, **kw(size, 24), keep_whole=HiDream.plan_whole_blocks)
+    assert (plan.storage, plan.swap_blocks, plan.checkpointing, plan.whole_blocks) == ("float8", 0, True, 0)
+    assert 18.57 <= plan.expected_peak / GIB <= 18.57 * 1.15 + 0.5
+    assert make_plan(size, **kw(size, 24)).whole_blocks > 0  # what the estimate alone would have kept whole

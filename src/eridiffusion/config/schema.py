@@ -205,21 +205,32 @@ class DatasetConfig(Section):
     cache_text_embeddings: bool = False
     batch_size: int | None = Field(None, ge=1)  # filled from train.batch_size
     loss_multiplier: float = Field(1.0, ge=0)
+    # video (for architectures that take clips; an image model refuses num_frames > 1): clips of at most
+    # num_frames frames (snapped to the counts the model's VAE takes), spread over the whole clip
+    # (shrink_video_to_frames) or taken at `fps` from a random start; auto_frame_count: as long as the clip
+    # lasts at `fps`, its tail trimmed (trim_auto_frame_count_tail) or the clip spread over the count
+    num_frames: int = Field(1, ge=1)
+    shrink_video_to_frames: bool = True
+    fps: float = Field(24, gt=0)
+    auto_frame_count: bool = False
+    trim_auto_frame_count_tail: bool = True
+    # same-stem control images or clips, fitted exactly as their image or clip (video architectures for now)
+    control_path: str | None = None
+    control_transparent_color: list[int] = Field(default_factory=lambda: [0, 0, 0], min_length=3, max_length=3)
     limited = {"type": ("image",), "buckets": (True,)}
     renamed = {"dataset_path": "folder_path", "caption_type": "caption_ext"}
     unsupported = {
         "is_reg": False, "network_weight": 1.0, "num_workers": 2, "prior_reg": False, "random_triggers": [], "random_triggers_max": 1,
         "random_scale": False, "bucket_tolerance": 64, "augments": [], "augmentations": None,
-        "shuffle_augmentations": False, "control_path": None, "control_path_1": None, "control_path_2": None,
+        "shuffle_augmentations": False, "control_path_1": None, "control_path_2": None,
         "control_path_3": None, "control_from_same_folder": False, "num_controls_from_same_folder": 1,
-        "control_transparent_color": [0, 0, 0], "inpaint_path": None, "full_size_control_images": True,
+        "inpaint_path": None, "full_size_control_images": True,
         "controls": [], "alpha_mask": False, "mask_path": None, "invert_mask": False, "mask_min_value": 0.0,
         "unconditional_path": None, "poi": None, "use_short_captions": False, "cache_tensors_to_disk": False,
         "cache_clip_vision_to_disk": False, "load_image_when_caching_latents": False, "standardize_images": False,
         "clip_image_path": None, "clip_image_from_same_folder": False, "clip_image_augmentations": None,
         "clip_image_shuffle_augmentations": False, "replacements": [], "cache_latents_num_workers": None,
-        "extra_values": [], "square_crop": False, "replay_transforms": True, "num_frames": 1,
-        "shrink_video_to_frames": True, "fps": 24, "auto_frame_count": False, "trim_auto_frame_count_tail": True,
+        "extra_values": [], "square_crop": False, "replay_transforms": True,
         "debug": False, "fast_image_size": False, "do_i2v": False, "do_audio": False, "audio_preserve_pitch": False,
         "audio_normalize": False, "guidance_type": "targeted", "diff_output_preservation": False,
         "diff_output_preservation_class": "",
@@ -234,6 +245,22 @@ class DatasetConfig(Section):
     @classmethod
     def _listed(cls, value: Any) -> Any:
         return [value] if isinstance(value, (int, float)) else value
+
+    @field_validator("control_path", mode="before")
+    @classmethod
+    def _one_control(cls, value: Any) -> Any:
+        if isinstance(value, list):  # ai-toolkit takes several folders (several controls per item)
+            if len(value) > 1:
+                raise not_supported(value, "EriDiffusion takes one control_path folder for now")
+            return value[0] if value else None
+        return value
+
+    @field_validator("control_transparent_color")
+    @classmethod
+    def _rgb(cls, value: list[int]) -> list[int]:
+        if any(not 0 <= c <= 255 for c in value):
+            raise ValueError("control_transparent_color is [r, g, b], each 0-255")
+        return value
 
 
 class EmaConfig(Section):

@@ -28,15 +28,18 @@ def bucket_for(width: int, height: int, resolution: int, divisibility: int) -> t
     return min(fits, key=lambda wh: (abs(math.log(wh[0] / wh[1]) - aspect), -wh[0] * wh[1]))
 
 
-def fit_to_bucket(img: Image.Image, bucket_w: int, bucket_h: int, *, random_crop: bool, rng: random.Random
-                  ) -> tuple[Image.Image, tuple[int, int], tuple[int, int]]:
-    """Resize (LANCZOS) to cover the bucket, then crop the centre (or a random window).
+def fit_to_bucket(img: Image.Image, bucket_w: int, bucket_h: int, *, random_crop: bool, rng: random.Random,
+                  crop: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int], tuple[int, int]]:
+    """Resize (LANCZOS) to cover the bucket, then crop the centre (or a random window, or at `crop` (y, x):
+    every frame of a clip is cut at its first frame's window).
     Returns (image, crop_top_left (y, x), size after resize (h, w))."""
     scale = max(bucket_w / img.width, bucket_h / img.height)
     w, h = max(bucket_w, round(img.width * scale)), max(bucket_h, round(img.height * scale))
     if (w, h) != img.size:
         img = img.resize((w, h), Image.LANCZOS)
-    if random_crop:
+    if crop is not None:
+        y, x = crop
+    elif random_crop:
         y, x = rng.randint(0, h - bucket_h), rng.randint(0, w - bucket_w)
     else:
         y, x = (h - bucket_h) // 2, (w - bucket_w) // 2

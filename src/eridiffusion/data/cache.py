@@ -66,20 +66,23 @@ def share(todo: dict, rank: int, world: int) -> dict:
 
 class LatentCache:
     """Latents per item: `<image dir>/_latent_cache/<stem>_<key>.safetensors` (or memory), where the key
-    covers the image file (name, size, mtime), bucket, crop mode, flips, scale and the VAE fingerprint.
-    A random crop is drawn once per cached item (seeded by its key)."""
+    covers the image or clip file (name, size, mtime), bucket, crop mode, flips, scale, the frame selection
+    (count, spacing, start range: num_frames, fps, shrink_video_to_frames, auto_frame_count) and the VAE
+    fingerprint. A random crop and a random start frame are drawn once per cached item (seeded by its key)."""
 
     def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], fingerprint: str, to_disk: bool):
         self.encode, self.fingerprint, self._store = encode, fingerprint, _Store(to_disk)
 
     def path(self, item: Item) -> Path:
         stat = item.path.stat()
-        key = _short_hash(item.path.name, stat.st_size, stat.st_mtime_ns, item.bucket, item.random_crop,
-                          item.flip_x, item.flip_y, item.scale, self.fingerprint)
+        parts = (item.path.name, stat.st_size, stat.st_mtime_ns, item.bucket, item.random_crop,
+                 item.flip_x, item.flip_y, item.scale, self.fingerprint)
+        key = _short_hash(*parts, item.frames) if item.frames is not None else _short_hash(*parts)
         return item.path.parent / "_latent_cache" / f"{item.path.stem}_{key}.safetensors"
 
     def get(self, item: Item) -> Tensors | None:
-        """{"latent": [C, h, w], "crop_top_left": [2] (y, x)}, or None if not cached."""
+        """{"latent": encode_images' output for the item, "crop_top_left": [2] (y, x), and for a video
+        architecture "frame_start": [] (the first frame's index)}, or None if not cached."""
         return self._store.get(self.path(item))
 
     @torch.no_grad()
@@ -88,9 +91,11 @@ class LatentCache:
         """Encode every item not cached yet (this process's share of them); returns how many were encoded."""
         todo = share({path: item for item in items if not self._store.has(path := self.path(item))}, rank, world)
         for path, item in tqdm(todo.items(), desc="caching latents", disable=not progress):
-            pixels, crop = item.pixels(random.Random(path.name))
-            latent = self.encode(pixels[None].to(device, dtype))[0]
-            self._store.put(path, {"latent": latent, "crop_top_left": torch.tensor(crop)})
+            pixels, crop, start = item.pixels(random.Random(path.name))
+            entry = {"latent": self.encode(pixels[None].to(device, dtype))[0], "crop_top_left": torch.tensor(crop)}
+            if item.frames is not None:
+                entry["frame_start"] = torch.tensor(start)
+            self._store.put(path, entry)
         return len(todo)
 
 

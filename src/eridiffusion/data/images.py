@@ -17,19 +17,24 @@ class ImageError(Exception):
         super().__init__(f"{path}: {reason}")
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """The image as 8-bit RGB, EXIF orientation applied, transparency flattened onto white."""
+def load_image(path: str | Path, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """The image as 8-bit RGB, EXIF orientation applied, transparency flattened onto `background` (white)."""
     try:
         with Image.open(path) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
     except _READ_ERRORS as e:
         raise ImageError(path, str(e) or type(e).__name__) from e
+    return flatten_to_rgb(img, background)
+
+
+def flatten_to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """8-bit RGB: 16/32-bit integer modes scaled down, transparency flattened onto `background` (white)."""
     if img.mode.startswith("I"):  # 16/32-bit integer (16-bit PNG): scale down rather than clip at 255
         img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba)
     return img.convert("RGB")
 
 

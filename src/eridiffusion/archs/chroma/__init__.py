@@ -27,7 +27,7 @@ from ..blockwise import FrozenBase, finish_loaded, folder_readers, materialize, 
 from ..common import (check_flow_model_keys, encode_latents, folder_fingerprint, load_text_encoder, load_vae,
                      on_device, resolve_roots, save_lora_with_diffusers, write_diffusers_folder)
 from ..flux import FILE_PREFIX, Flux, open_transformer_for_merge, read_any_lora
-from ..sources import find_tokenizer_files
+from ..sources import find_tokenizer_files, resolve_model_source
 from .formats import BLOCK_LISTS, computed_buffers, diffusers_to_bfl, load_chroma_single_file
 
 COMPONENTS = ["transformer", "vae", "text_encoder", "tokenizer", "scheduler"]
@@ -36,6 +36,7 @@ BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
 # the Linears outside the blocks that ComfyUI's Flux key map names (the approximator has no name there, so a LoRA on
 # it would not apply in ComfyUI: it is left to full fine-tunes)
 OUTSIDE_BLOCKS = ("x_embedder", "context_embedder", "proj_out")
+DEFAULT_EXTRAS = "ostris/Flex.1-alpha"  # where ai-toolkit takes Chroma's T5, VAE and scheduler from
 
 
 class Chroma:
@@ -62,13 +63,12 @@ class Chroma:
     # ---- loading -------------------------------------------------------------------------------
     def load(self, base: FrozenBase | None = None) -> None:
         self.base = base or FrozenBase(self.device, self.dtype)
-        single, main_root, root = resolve_roots(self.model_cfg, COMPONENTS, "transformer")
+        single, main_root, root = resolve_roots(_as_ai_toolkit_names(self.model_cfg), COMPONENTS, "transformer")
         self.components_root = root  # the other components' diffusers folder (full fine-tunes are written beside it)
         te_dtype = DTYPES[self.model_cfg.te_dtype or self.train_cfg.dtype]
         vae_dtype = DTYPES[self.model_cfg.vae_dtype or self.train_cfg.dtype]
         vae, vae_source = load_vae(self.model_cfg.vae_path, root, vae_dtype)
-        paths = {k: Path(v).expanduser() for k, v in self.model_cfg.model_paths.items()}
-        part = {c: paths.get(c, root / c) for c in TEXT_PARTS}
+        part = _t5_parts(root, {k: Path(v).expanduser() for k, v in self.model_cfg.model_paths.items()})
         if single:
             transformer = load_chroma_single_file(single, self.dtype, self.base)
         else:
@@ -78,7 +78,6 @@ class Chroma:
             folder = main_root / "transformer"
             units = read_units(folder_readers(folder), BLOCK_LISTS)
             materialize(transformer, chain(units, [computed_buffers(transformer)]), self.base, BLOCK_LISTS, str(folder))
-        _require_t5(part["text_encoder"] if part["text_encoder"].is_dir() else root / "text_encoder")
         self.attach(
             transformer=transformer, vae=vae,
             text_encoder=load_text_encoder(T5EncoderModel, part["text_encoder"], root, "text_encoder", te_dtype),
@@ -216,11 +215,46 @@ class Chroma:
             ).images[0]
 
 
-def _require_t5(folder: Path) -> None:
-    """Chroma's text encoder is T5; a FLUX.1 folder's text_encoder/ is CLIP (its T5 is text_encoder_2/)."""
+def _as_ai_toolkit_names(model_cfg):
+    """The model section with ai-toolkit's names resolved: `lodestones/Chroma` / `lodestones/Chroma/vNN` (a cached
+    repo of single files) as that file, and, for a single file without extras, ai-toolkit's source of Chroma's T5,
+    VAE and scheduler (a Flex.1 folder) when it is in the local HF cache."""
+    from .formats import file_in_cached_repo
+
+    file = file_in_cached_repo(model_cfg.name_or_path)
+    if file is not None:
+        print(f"model.name_or_path: {model_cfg.name_or_path} -> {file}")
+        model_cfg = model_cfg.model_copy(update={"name_or_path": str(file)})
+    if model_cfg.extras_name_or_path or resolve_model_source(model_cfg.name_or_path).kind != "single_file":
+        return model_cfg
+    try:
+        resolve_model_source(DEFAULT_EXTRAS, key="model.extras_name_or_path")
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"model.name_or_path is a single file ({model_cfg.name_or_path}); set model.extras_name_or_path to a Chroma "
+            f"diffusers folder (lodestones/Chroma1-HD) or a FLUX.1 / Flex.1 one for Chroma's T5, VAE and scheduler "
+            f"(ai-toolkit's default, {DEFAULT_EXTRAS}, is not in the local HF cache either)") from None
+    print(f"model.extras_name_or_path: {DEFAULT_EXTRAS} (ai-toolkit's source of Chroma's T5, VAE and scheduler)")
+    return model_cfg.model_copy(update={"extras_name_or_path": DEFAULT_EXTRAS})
+
+
+def _model_type(folder: Path) -> str | None:
     config = folder / "config.json"
-    kind = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    return json.loads(config.read_text()).get("model_type") if config.is_file() else None
+
+
+def _t5_parts(root: Path, paths: dict[str, Path]) -> dict[str, Path]:
+    """Where Chroma's T5 and its tokenizer come from: model.model_paths, else the components folder's
+    text_encoder/tokenizer (a Chroma folder), else its text_encoder_2/tokenizer_2 (a FLUX.1 / Flex.1 folder, whose
+    text_encoder is CLIP). Anything else is an error that says where a T5 can come from."""
+    if not paths.keys() & set(TEXT_PARTS) and _model_type(root / "text_encoder") != "t5" and _model_type(root / "text_encoder_2") == "t5":
+        print(f"Chroma's T5: {root / 'text_encoder_2'} (a FLUX.1 / Flex.1 folder)")
+        return {"text_encoder": root / "text_encoder_2", "tokenizer": root / "tokenizer_2"}
+    part = {c: paths.get(c, root / c) for c in TEXT_PARTS}
+    folder = part["text_encoder"] if part["text_encoder"].is_dir() else root / "text_encoder"
+    kind = _model_type(folder)
     if kind != "t5":
         raise ValueError(f"{folder} holds a {kind or 'unknown'} text encoder, not Chroma's T5: point model.extras_name_or_path "
-                         "at a Chroma diffusers folder (e.g. lodestones/Chroma1-HD), or set model.model_paths.text_encoder "
-                         "and .tokenizer to a T5 (e.g. a FLUX.1 folder's text_encoder_2 and tokenizer_2)")
+                         "at a Chroma or FLUX.1 / Flex.1 diffusers folder (e.g. lodestones/Chroma1-HD, ostris/Flex.1-alpha), "
+                         "or set model.model_paths.text_encoder and .tokenizer to a T5")
+    return part

@@ -6,6 +6,7 @@ that computes every block's modulation. The block tables, block-by-block loading
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from itertools import chain
 from pathlib import Path
@@ -109,3 +110,36 @@ def load_chroma_single_file(path: str | Path, dtype: torch.dtype = torch.bfloat1
     chunks = flux.bfl_chunks(reader, config, layout(config["approximator_layers"]))
     base = base or FrozenBase(torch.device("cpu"), dtype)
     return materialize(model, chain(chunks, [computed_buffers(model)]), base, BLOCK_LISTS, str(path))
+
+
+# ---- ai-toolkit's names for the released files ----------------------------------------------------------------
+UNLOCKED = re.compile(r"chroma-unlocked-v(\d+)\.safetensors")
+
+
+def file_in_cached_repo(name: str) -> Path | None:
+    """ai-toolkit's `lodestones/Chroma` (that repo's newest chroma-unlocked-vNN.safetensors) and
+    `lodestones/Chroma/vNN` (that version), read from the local HF cache. None for anything else (a local path, a
+    diffusers repo such as lodestones/Chroma1-HD, a file path inside a repo), which the usual resolution handles."""
+    from ..sources import resolve_folder
+
+    parts = name.split("/")
+    version = parts[2] if len(parts) == 3 and re.fullmatch(r"v\d+", parts[2]) else None
+    if Path(name).expanduser().exists() or not (len(parts) == 2 or version):
+        return None
+    try:
+        folder = resolve_folder("/".join(parts[:2]), key="model.name_or_path")
+    except (FileNotFoundError, ValueError):
+        if version:  # only this form names a version: say that the repo is missing
+            raise
+        return None
+    if (folder / "model_index.json").is_file():
+        return None
+    versions = {int(m.group(1)): folder / m.group(0) for f in folder.iterdir() if (m := UNLOCKED.fullmatch(f.name))}
+    if not versions:
+        return None
+    if version is None:
+        return versions[max(versions)]
+    if int(version[1:]) not in versions:
+        raise FileNotFoundError(f"model.name_or_path: '{name}': {folder} has no chroma-unlocked-{version}.safetensors "
+                                f"(cached versions: {', '.join(f'v{v}' for v in sorted(versions))})")
+    return versions[int(version[1:])]
