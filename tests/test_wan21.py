@@ -266,3 +266,24 @@ def test_lora_merge_into_the_base_as_the_user_keeps_it(base_kind, tiny_wan21, tm
         delta = 0.5 * lora[f"diffusion_model.{name}.lora_B.weight"] @ lora[f"diffusion_model.{name}.lora_A.weight"]
         torch.testing.assert_close(after[f"{name}.weight"], before[f"{name}.weight"] + delta, atol=1e-5, rtol=1e-5)
     assert torch.equal(after["blocks.0.self_attn.k.weight"], before["blocks.0.self_attn.k.weight"])
+
+
+def test_trains_on_clips_and_images_through_the_cli(tiny_wan21, tmp_path, write_config):
+    """A dataset of short clips of a moving square (and an image, a 1-frame video) with num_frames 9: clips become 3
+    latent frames, the image 1, each in its own frame bucket, cached to disk; the loss falls."""
+    from .test_video_data import frame, write_clip
+
+    data = tmp_path / "clips"
+    for i, ext in enumerate([".mp4", ".webm", ".gif"]):
+        write_clip(data / f"clip{i}{ext}", 48, 32, 12, invert=bool(i % 2)).with_suffix(".txt").write_text("a moving square")
+    frame(0, 48, 32).save(data / "still.png")
+    (data / "still.txt").write_text("a square")
+    cfg = wan_config(tiny_wan21, data, tmp_path / "out", steps=24, save={"save_every": 1000},
+                     train={"lr": 1e-2, "timestep_type": "linear", "batch_size": 1},
+                     sample={"sample_every": 1000, "prompts": []})
+    cfg["config"]["process"][0]["datasets"][0].update(num_frames=9, resolution=[32])
+    assert cli.main([str(write_config(cfg))]) == 0
+    losses = [r["loss"] for r in read_log(tmp_path / "out" / "test_lora")]
+    assert sum(losses[-6:]) < 0.85 * sum(losses[:6]), losses
+    cached = {load_file(p)["latent"].shape[1] for p in (data / "_latent_cache").glob("*.safetensors")}
+    assert cached == {3, 1}  # 9 frames -> 1 + 8 / 4 latent frames; the image one
