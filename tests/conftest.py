@@ -13,6 +13,7 @@ from eridiffusion.archs.hidream.tiny import build_tiny_hidream, build_tiny_llama
 from eridiffusion.archs.kolors.tiny import build_tiny_kolors
 from eridiffusion.archs.sd3.tiny import build_tiny_sd3
 from eridiffusion.archs.sdxl.tiny import build_tiny_sdxl
+from eridiffusion.archs.wan21.tiny import build_tiny_wan21
 from eridiffusion.demo import DEMO_DATA_DIR
 
 
@@ -54,6 +55,11 @@ def tiny_chroma(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_hidream(tmp_path_factory) -> Path:
     return build_tiny_hidream(tmp_path_factory.mktemp("models") / "tiny-hidream")
+
+
+@pytest.fixture(scope="session")
+def tiny_wan21(tmp_path_factory) -> Path:
+    return build_tiny_wan21(tmp_path_factory.mktemp("models") / "tiny-wan21")
 
 
 @pytest.fixture(scope="session")

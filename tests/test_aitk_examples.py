@@ -1,4 +1,4 @@
-"""ai-toolkit's own FLUX.1 / Flex.1 / schnell / SD 3.5 / Chroma / HiDream example configs, verbatim from ../shared/aitk-examples/, run
+"""ai-toolkit's own FLUX.1 / Flex.1 / schnell / SD 3.5 / Chroma / HiDream / Wan 2.1 1.3B example configs, verbatim from ../shared/aitk-examples/, run
 through the CLI with only paths, sizes and the CUDA-only optimizer changed. The README's list of examples
 that run is this test's list."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "aitk-examples"
 RUNS = ["train_lora_flux_24gb.yaml", "train_lora_flex_24gb.yaml", "train_lora_flux_schnell_24gb.yaml",
         "modal/modal_train_lora_flux_24gb.yaml", "modal/modal_train_lora_flux_schnell_24gb.yaml",
         "train_full_fine_tune_flex.yaml", "train_lora_sd35_large_24gb.yaml", "train_lora_chroma_24gb.yaml",
-        "train_lora_hidream_48.yaml"]
+        "train_lora_hidream_48.yaml", "train_lora_wan21_1b_24gb.yaml"]
 
 
 def adapted(example: str, model: Path, data: Path, out: Path, assistant: Path | None, llama: Path | None = None) -> dict:
@@ -59,9 +59,10 @@ def tiny_adapter(model: Path, path: Path) -> Path:
 
 @pytest.mark.parametrize("example", RUNS)
 def test_ai_toolkit_example_runs(example, request, dataset, tmp_path, write_config):
-    own = {"sd35": "tiny_sd3", "hidream": "tiny_hidream", "chroma": "tiny_chroma", "schnell": "tiny_flux_schnell"}  # file name part -> fixture
+    own = {"sd35": "tiny_sd3", "hidream": "tiny_hidream", "chroma": "tiny_chroma", "schnell": "tiny_flux_schnell",
+           "wan21": "tiny_wan21"}  # file name part -> fixture
     model = request.getfixturevalue(next((f for part, f in own.items() if part in example), "tiny_flux"))
-    adapter = None if any(k in example for k in ("sd35", "chroma", "hidream")) else tiny_adapter(model, tmp_path / "adapter.safetensors")
+    adapter = None if any(k in example for k in ("sd35", "chroma", "hidream", "wan21")) else tiny_adapter(model, tmp_path / "adapter.safetensors")
     llama = request.getfixturevalue("tiny_llama") if "hidream" in example else None
     cfg = adapted(example, model, dataset, tmp_path / "out", adapter, llama)
     proc = cfg["config"]["process"][0]
@@ -70,4 +71,5 @@ def test_ai_toolkit_example_runs(example, request, dataset, tmp_path, write_conf
     run = tmp_path / "out" / cfg["config"]["name"]
     saved = load_file(run / f"{cfg['config']['name']}.safetensors")  # the LoRA, or the fine-tuned model
     assert saved and all(torch.isfinite(v.float()).all() for v in saved.values())
-    assert len(list((run / "samples").glob("*.jpg"))) == 2 * len(proc["sample"]["prompts"])  # step 0 and the end
+    clip = proc["sample"].get("num_frames", 1) > 1  # Wan's: its 40 frames (41, 4k + 1) as .mp4
+    assert len(list((run / "samples").glob("*.mp4" if clip else "*.jpg"))) == 2 * len(proc["sample"]["prompts"])  # step 0 and the end

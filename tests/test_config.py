@@ -270,8 +270,10 @@ def test_samples_from_prompts_with_flags(tmp_path):
     first, second = sample.samples
     assert (first.prompt, first.width, first.height, first.seed) == ("a photo", 768, 512, 3)
     assert (second.prompt, second.width, second.seed, second.guidance_scale, second.sample_steps) == ("[trigger] dog", 1024, 11, 2.0, 20)
-    message = error_of(tmp_path, MINIMAL.replace('"a photo"', '"a photo --frames 5"'))
-    assert "config.process[0].sample.samples[0]" in message and "--frames" in message
+    message = error_of(tmp_path, MINIMAL.replace('"a photo"', '"a photo --ctrl_img x.png"'))
+    assert "config.process[0].sample.samples[0]" in message and "--ctrl_img" in message
+    clip = process(load_text(tmp_path, MINIMAL.replace('{prompts: ["a photo"]}', '{fps: 12, prompts: ["a photo --frames 9"]}')))
+    assert (clip.sample.samples[0].num_frames, clip.sample.samples[0].fps) == (9, 12)
 
 
 def test_resolved_dict_round_trips(tmp_path):

@@ -14,6 +14,7 @@ ARCHS: dict[str, str] = {
     "sd3": "eridiffusion.archs.sd3:SD3",
     "chroma": "eridiffusion.archs.chroma:Chroma",
     "hidream": "eridiffusion.archs.hidream:HiDream",
+    "wan21": "eridiffusion.archs.wan21:Wan21",
 }
 
 

@@ -32,6 +32,7 @@ class SampleRequest:
     steps: int
     guidance_scale: float
     seed: int
+    num_frames: int = 1  # video architectures (frame_rule): >1 asks for a clip, generate() returns its frames
 
 
 class Architecture(Protocol):
@@ -41,6 +42,9 @@ class Architecture(Protocol):
     base_model_version: str
     # image sides must be multiples of this (VAE downscale x patch size)
     bucket_divisibility: int
+    # video architectures only: the frame counts the VAE takes, a*k + b as (a, b) (Wan: (4, 1)); their pixels are
+    # [B, 3, F, H, W] (images F = 1, or [B, 3, H, W]) and their latents [B, C, f, h, w]. Image architectures lack it
+    # frame_rule: tuple[int, int]
     # identify the VAE / text encoders so caches are invalidated when they change
     latent_fingerprint: str
     text_fingerprint: str
@@ -92,5 +96,5 @@ class Architecture(Protocol):
 
     def save_full_diffusers(self, folder, dtype) -> None: ...
 
-    def generate(self, request: SampleRequest) -> Image.Image:
-        """One preview image with the weights as they are now."""
+    def generate(self, request: SampleRequest) -> Image.Image | list[Image.Image]:
+        """One preview image with the weights as they are now (a video architecture: its frames, for num_frames > 1)."""

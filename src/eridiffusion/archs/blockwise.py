@@ -153,10 +153,11 @@ class FrozenBase:
 
 
 def materialize(model: torch.nn.Module, chunks: Iterable[dict[str, torch.Tensor]], base: FrozenBase,
-                block_lists: tuple[str, ...], source: str) -> torch.nn.Module:
+                block_lists: tuple[str, ...], source: str, exact: frozenset[str] = frozenset()) -> torch.nn.Module:
     """Fill a meta-device `model` from state-dict `chunks` (each covering whole units), finishing each unit
     as soon as all its tensors are in. float8 weights (with an optional `<name>.scale_weight`) become
-    quantized float8 weights directly when the base is stored in float8, else are widened one at a time."""
+    quantized float8 weights directly when the base is stored in float8, else are widened one at a time.
+    `exact`: keys placed in their own dtype (computed tables a model keeps in float32/64, e.g. rotary ones)."""
     expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     pending: dict[str, set[str]] = {}
     for name in expected:
@@ -182,7 +183,8 @@ def materialize(model: torch.nn.Module, chunks: Iterable[dict[str, torch.Tensor]
                              ).to(base.dtype)
             else:
                 target = expected[key]
-                value = tensor.to(base.dtype) if target.is_floating_point() and tensor.is_floating_point() else tensor
+                cast = target.is_floating_point() and tensor.is_floating_point() and key not in exact
+                value = tensor.to(base.dtype) if cast else tensor
             if tuple(value.shape) != tuple(expected[key].shape):
                 raise ValueError(f"{source}: '{key}' has shape {tuple(value.shape)}, the model expects "
                                  f"{tuple(expected[key].shape)}")
@@ -190,7 +192,10 @@ def materialize(model: torch.nn.Module, chunks: Iterable[dict[str, torch.Tensor]
             unit = unit_of(key, block_lists)
             pending[unit].discard(key)
             if not pending[unit]:
-                base.finish(unit, modules[unit])
+                if unit in modules:
+                    base.finish(unit, modules[unit])
+                else:  # a parameter of the model itself (Wan's output scale_shift_table): moved, never quantized
+                    _assign(model, unit, getattr(model, unit).to(base.device))
                 del pending[unit]
     missing = sorted(n for names in pending.values() for n in names)
     if missing:

@@ -78,23 +78,25 @@ def resolve_roots(model_cfg, components: list[str], main: str, configs_only: tup
     if src.kind == "single_file":
         return src.path, None, require_diffusers_folder(str(rest.path), others, configs_only)
     main_root = require_diffusers_folder(str(src.path), [main])
-    return None, main_root, require_diffusers_folder(str(rest.path), others) if extras else require_diffusers_folder(str(src.path), components)
+    return None, main_root, require_diffusers_folder(str(rest.path if extras else src.path), others, configs_only)
 
 
-def load_vae(vae_path: str | None, root: Path, dtype):
-    """The VAE from `model.vae_path` (a VAE folder, a diffusers folder with vae/, or a single file read
-    with diffusers' converter and the main folder's VAE config), else from `root/vae`. Returns (vae, its path)."""
+def load_vae(vae_path: str | None, root: Path, dtype, cls=None):
+    """The VAE (an AutoencoderKL unless `cls` says otherwise) from `model.vae_path` (a VAE folder, a diffusers folder
+    with vae/, or a single file read with diffusers' converter and the main folder's VAE config), else from
+    `root/vae`. Returns (vae, its path)."""
     from diffusers import AutoencoderKL
 
+    vae_cls = cls or AutoencoderKL
     if not vae_path:
-        return AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True, torch_dtype=dtype), root / "vae"
+        return vae_cls.from_pretrained(root, subfolder="vae", local_files_only=True, torch_dtype=dtype), root / "vae"
     path = Path(vae_path).expanduser()
     if (path / "config.json").is_file():
-        return AutoencoderKL.from_pretrained(path, local_files_only=True, torch_dtype=dtype), path
+        return vae_cls.from_pretrained(path, local_files_only=True, torch_dtype=dtype), path
     if (path / "vae" / "config.json").is_file():
-        return AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True, torch_dtype=dtype), path / "vae"
+        return vae_cls.from_pretrained(path, subfolder="vae", local_files_only=True, torch_dtype=dtype), path / "vae"
     if path.is_file():
-        vae = AutoencoderKL.from_single_file(str(path), config=str(root), subfolder="vae", local_files_only=True,
+        vae = vae_cls.from_single_file(str(path), config=str(root), subfolder="vae", local_files_only=True,
                                              torch_dtype=dtype)
         return vae, path
     raise FileNotFoundError(f"model.vae_path: {path} is neither a VAE folder (config.json), a diffusers folder with vae/, "
@@ -106,7 +108,7 @@ def load_text_encoder(cls, path: str | Path, config_root: Path, subfolder: str, 
     text_encoders/clip_l.safetensors, t5xxl_fp16.safetensors, ...), or from `state` (its tensors, already read
     from the file `path`, e.g. the part of an all-in-one checkpoint), with the architecture of
     `config_root/subfolder`. Key layouts that differ only by a leading `text_model.` are accepted, and so are
-    the position ids older files keep (a buffer, not a weight)."""
+    the position ids older files keep (a buffer, not a weight) and ComfyUI's scaled fp8 (weights times `.scale_weight`)."""
     from .sources import load_state_dict_file
 
     path = Path(path).expanduser()
@@ -114,7 +116,11 @@ def load_text_encoder(cls, path: str | Path, config_root: Path, subfolder: str, 
         return cls.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
     if state is None:
         state = load_state_dict_file(path, dtype=dtype)
-    state = {k: v for k, v in state.items() if not k.endswith("embeddings.position_ids")}
+    for key in [k for k in state if k.endswith(".scale_weight")]:  # ComfyUI's scaled fp8 (umt5_xxl_fp8_e4m3fn_scaled)
+        scale, weight = state.pop(key).float(), key[: -len("scale_weight")] + "weight"
+        w = state[weight]
+        state[weight] = (w.float() * (scale.reshape(-1, *[1] * (w.dim() - 1)) if scale.numel() > 1 else scale)).to(w.dtype)
+    state = {k: v for k, v in state.items() if not k.endswith(("embeddings.position_ids", ".scale_input")) and k != "scaled_fp8"}
     from accelerate import init_empty_weights
 
     with init_empty_weights():  # parameters on the meta device, buffers (position ids) real

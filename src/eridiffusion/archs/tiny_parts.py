@@ -235,3 +235,13 @@ def tiny_vae(latent_channels: int, scaling_factor: float, shift_factor: float | 
                          up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
                          latent_channels=latent_channels, norm_num_groups=8, sample_size=32,
                          scaling_factor=scaling_factor, force_upcast=True, **extra)
+
+
+def tiny_umt5_config(tokenizer, d_model: int):
+    """A 2-layer UMT5 encoder config (gated GELU, untied embeddings, a relative-attention bias per layer, as
+    google/umt5-xxl, Wan's text encoder) of width `d_model` for `tokenizer`'s vocabulary and special ids."""
+    from transformers import UMT5Config
+
+    return UMT5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)

@@ -98,6 +98,7 @@ _PROMPT_FLAGS: dict[str, tuple[str, type]] = {
     "n": ("neg", str), "w": ("width", int), "h": ("height", int), "d": ("seed", int), "seed": ("seed", int),
     "l": ("guidance_scale", float), "cfg": ("guidance_scale", float), "s": ("sample_steps", int),
     "steps": ("sample_steps", int), "m": ("network_multiplier", float), "network_multiplier": ("network_multiplier", float),
+    "frames": ("num_frames", int), "num_frames": ("num_frames", int), "fps": ("fps", int),
 }
 
 
@@ -518,7 +519,9 @@ class SampleItem(Section):
     guidance_scale: float | None = None
     sample_steps: int | None = Field(None, ge=1)
     network_multiplier: float | None = None
-    unsupported = {"fps": None, "num_frames": None, "ctrl_img": None, "ctrl_idx": None, "ctrl_img_1": None,
+    num_frames: int | None = Field(None, ge=1)  # video models
+    fps: int | None = Field(None, ge=1)
+    unsupported = {"ctrl_img": None, "ctrl_idx": None, "ctrl_img_1": None,
                    "ctrl_img_2": None, "ctrl_img_3": None, "do_cfg_norm": False}
 
     @model_validator(mode="before")
@@ -542,11 +545,15 @@ class SampleConfig(Section):
     guidance_scale: float = 7.0
     sample_steps: int = Field(20, ge=1)
     network_multiplier: float = 1.0
+    # video models: frames per sample (1: a still image, saved in `format`) and the clip's frame rate; a clip is
+    # written as .mp4 (PyAV), or as animated .webp where PyAV is not installed
+    num_frames: int = Field(1, ge=1)
+    fps: int = Field(16, ge=1)
     format: str = "jpg"
     prompts: list[str] = Field(default_factory=list)  # legacy: moved into samples
     samples: list[SampleItem] = Field(default_factory=list)
     limited = {"format": ("jpg", "jpeg", "png", "webp")}
-    unsupported = {"guidance_rescale": 0.0, "num_frames": 1, "fps": 16, "adapter_conditioning_scale": 1.0, "refiner_start_at": 0.5, "extra_values": [], "do_cfg_norm": False}
+    unsupported = {"guidance_rescale": 0.0, "adapter_conditioning_scale": 1.0, "refiner_start_at": 0.5, "extra_values": [], "do_cfg_norm": False}
 
     @model_validator(mode="before")
     @classmethod
@@ -560,7 +567,7 @@ class SampleConfig(Section):
     @model_validator(mode="after")
     def _fill_samples(self) -> SampleConfig:
         for i, item in enumerate(self.samples):
-            for key in ("width", "height", "neg", "guidance_scale", "sample_steps", "network_multiplier"):
+            for key in ("width", "height", "neg", "guidance_scale", "sample_steps", "network_multiplier", "num_frames", "fps"):
                 if getattr(item, key) is None:
                     setattr(item, key, getattr(self, key))
             if item.seed is None:

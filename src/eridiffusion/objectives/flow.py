@@ -23,7 +23,10 @@ class FlowShift:
 
     @classmethod
     def from_scheduler(cls, config) -> FlowShift:
-        """The shift a FlowMatchEulerDiscreteScheduler's config samples with."""
+        """The shift a FlowMatchEulerDiscreteScheduler's config samples with, or a UniPC / DPM-Solver config over flow
+        sigmas (its static `flow_shift`, as the Wan repos ship)."""
+        if dict(config).get("use_flow_sigmas"):
+            return cls(shift=float(config["flow_shift"]))
         return cls(shift=config.shift, dynamic=bool(config.use_dynamic_shifting), base_seq_len=config.base_image_seq_len,
                    max_seq_len=config.max_image_seq_len, base_shift=config.base_shift, max_shift=config.max_shift)
 

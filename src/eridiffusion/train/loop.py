@@ -427,7 +427,9 @@ class Run:
             return
         size = ModelSize.of(model, blocks, base.quantizer.exclude)
         budget = usable_gpu_memory(self.device)
-        tokens = max(r for ds in proc.datasets for r in ds.resolution) ** 2 // 256 + 512  # latent patches + text
+        step, first = getattr(self.arch, "frame_rule", (1, 1))  # a video model's clips: latent frames x patches
+        frames = max(1 + max(0, ds.num_frames - first) // step for ds in proc.datasets)
+        tokens = max(r for ds in proc.datasets for r in ds.resolution) ** 2 // 256 * frames + 512  # latent patches + text
         kw = dict(budget=budget, tokens=tokens, batch=proc.train.batch_size,
                   # a full fine-tune holds weights, gradients and AdamW moments of every parameter (~12 bytes each;
                   # ~4 with the moments in host memory)

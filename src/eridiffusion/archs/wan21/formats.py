@@ -1,0 +1,254 @@
+"""Wan 2.1 files in the original Wan repository's layout, as ComfyUI keeps them
+(`diffusion_models/wan2.1_t2v_14B_bf16.safetensors`, `..._fp8_e4m3fn.safetensors`, ComfyUI's scaled fp8), to and
+from diffusers' WanTransformer3DModel, and the LoRA layouts.
+
+The two layouts differ in names only: one table of renames (`_BLOCK`, `_TOP`, the data of diffusers'
+`convert_wan_transformer_to_diffusers`, written here both ways so that a file converts one block at a time and
+back). The original block's cross-attention norm is `norm3` (diffusers' `norm2`); the norms without weights
+need no entry.
+
+LoRA files: `diffusion_model.<original name>` (`blocks.0.self_attn.q.lora_A.weight`), the only layout ComfyUI's Wan
+models apply (diffusers names load 0 tensors there); diffusers' WanPipeline.load_lora_weights converts it itself.
+A LoRA's alpha/rank is folded into lora_B (both loaders then use scale 1, as trained); LoHa/LoKr keep `.alpha`."""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from functools import cache
+from pathlib import Path
+
+import torch
+from diffusers import WanTransformer3DModel
+
+from ...adapters.merge import fold_alphas, rank_alphas
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+BLOCK_LISTS = ("blocks",)
+PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # ComfyUI/ldm-style full checkpoints; bare files have none
+IGNORED = ("scaled_fp8",)  # ComfyUI's scaled-fp8 marker
+LORA_PREFIX = "diffusion_model."
+DIFFUSERS_PREFIX = "transformer."
+KOHYA_PREFIX = "lora_unet"
+
+# diffusers -> original names inside a block: modules (and the block's own `scale_shift_table` parameter)
+_BLOCK = {"attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
+          "attn1.to_out.0": "self_attn.o", "attn1.norm_q": "self_attn.norm_q", "attn1.norm_k": "self_attn.norm_k",
+          "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k", "attn2.to_v": "cross_attn.v",
+          "attn2.to_out.0": "cross_attn.o", "attn2.norm_q": "cross_attn.norm_q", "attn2.norm_k": "cross_attn.norm_k",
+          "attn2.add_k_proj": "cross_attn.k_img", "attn2.add_v_proj": "cross_attn.v_img",
+          "attn2.norm_added_k": "cross_attn.norm_k_img",
+          "norm2": "norm3", "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2", "scale_shift_table": "modulation"}
+_TOP = {"patch_embedding": "patch_embedding",
+        "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+        "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+        "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+        "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+        "condition_embedder.time_proj": "time_projection.1",
+        "condition_embedder.image_embedder.norm1": "img_emb.proj.0",
+        "condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",
+        "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3",
+        "condition_embedder.image_embedder.norm2": "img_emb.proj.4",
+        "proj_out": "head.head", "scale_shift_table": "head.modulation"}
+_BLOCK_BACK = {b: a for a, b in _BLOCK.items()}
+_TOP_BACK = {b: a for a, b in _TOP.items()}
+_REQUIRED = ("patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight", "time_projection.1.weight",
+             "head.head.weight", "head.modulation", "blocks.0.self_attn.q.weight", "blocks.0.cross_attn.q.weight",
+             "blocks.0.ffn.0.weight", "blocks.0.modulation")
+
+
+def _rename(name: str, block: Mapping[str, str], top: Mapping[str, str]) -> str:
+    """A parameter or module name through the tables: the longest named entity it starts with is renamed, the rest
+    (`.weight`, `.lora_A.weight`, `.scale_weight`, nothing) kept."""
+    if name.startswith("blocks."):
+        _, i, inner = name.split(".", 2)
+        head, table = f"blocks.{i}.", block
+    else:
+        head, inner, table = "", name, top
+    for entity in sorted(table, key=len, reverse=True):
+        if inner == entity or inner.startswith(entity + "."):
+            return head + table[entity] + inner[len(entity):]
+    raise ValueError(f"'{name}' is not a Wan 2.1 transformer weight or module")
+
+
+def to_original(name: str) -> str:
+    """diffusers name -> the Wan repo's (ComfyUI's) name."""
+    return _rename(name, _BLOCK, _TOP)
+
+
+def to_diffusers(name: str) -> str:
+    """The Wan repo's (ComfyUI's) name -> diffusers'."""
+    return _rename(name, _BLOCK_BACK, _TOP_BACK)
+
+
+def diffusers_to_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A WanTransformer3DModel state dict in the original layout (what ComfyUI's diffusion_models/ files hold)."""
+    return {to_original(k): v for k, v in state.items()}
+
+
+# ---- recognising a single file and reading its config ---------------------------------------------------------
+@cache
+def known_configs() -> dict[str, dict]:
+    """The released T2V variants' transformer and scheduler configs shipped in configs/, by folder name."""
+    read = lambda p: {k: v for k, v in json.loads(p.read_text()).items() if not k.startswith("_")}
+    return {d.name: {"transformer": read(d / "transformer" / "config.json"),
+                     "scheduler": json.loads((d / "scheduler" / "scheduler_config.json").read_text())}
+            for d in sorted(CONFIG_DIR.iterdir()) if d.is_dir()}
+
+
+def strip_prefix(keys: Iterable[str]) -> tuple[str, list[str]]:
+    """(the prefix the file's transformer keys carry, the transformer's keys without it; markers dropped)."""
+    keys = list(keys)
+    prefix = next((p for p in PREFIXES if any(k.startswith(p + "patch_embedding.") for k in keys)), "")
+    return prefix, [k[len(prefix):] for k in keys if k.startswith(prefix) and k not in IGNORED
+                    and not k.endswith(".scale_input")]
+
+
+def variant(names: Iterable[str]) -> str:
+    """'t2v', 'i2v' or 'vace' from a transformer's original-layout names."""
+    names = list(names)
+    if any(k.startswith("vace_blocks.") for k in names):
+        return "vace"
+    if any(k.startswith("img_emb.") or ".k_img." in k for k in names):
+        return "i2v"
+    return "t2v"
+
+
+def require_t2v(names: Iterable[str], source) -> None:
+    names = [k for k in names if not k.endswith(".scale_weight")]
+    missing = [k for k in _REQUIRED if k not in names]
+    if missing:
+        from ..flux.formats import describe_checkpoint  # knows the other common checkpoint layouts
+
+        hint = ("it is in diffusers' layout: point model.name_or_path at its diffusers folder"
+                if any(k.startswith("blocks.0.attn1.") for k in names) else describe_checkpoint(names))
+        raise ValueError(f"{source} is not a Wan 2.1 transformer in the original layout (no {missing[0]}): {hint}")
+    kind = variant(names)
+    if kind != "t2v":
+        what = {"i2v": "an image-to-video (I2V) model (img_emb / k_img)", "vace": "a VACE model (vace_blocks)"}[kind]
+        raise ValueError(f"{source} is {what}: model.arch wan21 trains text-to-video Wan 2.1 (1.3B, 14B); "
+                         f"Wan 2.1 {kind.upper()} is not supported yet")
+
+
+def infer_config(shapes: Mapping[str, tuple], base: Mapping | None = None) -> dict:
+    """WanTransformer3DModel's config from original-layout tensor shapes: widths, depth, patch and channels.
+    What no weight tells (head size, norm eps, rotary table length) comes from `base` (the components folder's
+    transformer config), else from the releases' (every Wan 2.1 has 128-wide heads)."""
+    inner, in_channels, *patch = shapes["patch_embedding.weight"]
+    defaults = known_configs()["wan2.1-t2v-1.3b"]["transformer"]
+    base = dict(base or {})
+    head_dim = base.get("attention_head_dim", defaults["attention_head_dim"])
+    if inner % head_dim:
+        raise ValueError(f"patch_embedding width {inner} is not a multiple of the attention head size {head_dim}")
+    return {
+        **{k: base.get(k, defaults[k]) for k in ("eps", "rope_max_seq_len")},
+        "patch_size": list(patch), "num_attention_heads": inner // head_dim, "attention_head_dim": head_dim,
+        "in_channels": in_channels, "out_channels": shapes["head.head.weight"][0] // (patch[0] * patch[1] * patch[2]),
+        "text_dim": shapes["text_embedding.0.weight"][1], "freq_dim": shapes["time_embedding.0.weight"][1],
+        "ffn_dim": shapes["blocks.0.ffn.0.weight"][0],
+        "num_layers": len({k.split(".")[1] for k in shapes if k.startswith("blocks.")}),
+        "cross_attn_norm": "blocks.0.norm3.weight" in shapes,
+        "qk_norm": "rms_norm_across_heads" if "blocks.0.self_attn.norm_q.weight" in shapes else None,
+        "image_dim": None, "added_kv_proj_dim": None, "pos_embed_seq_len": None,
+    }
+
+
+def computed_buffers(model: WanTransformer3DModel) -> dict[str, torch.Tensor]:
+    """What no file stores: the rotary tables, computed as diffusers' __init__ does, in their own dtype."""
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    rope = model.rope
+    fresh = WanRotaryPosEmbed(rope.attention_head_dim, rope.patch_size, rope.max_seq_len)
+    return {"rope.freqs_cos": fresh.freqs_cos, "rope.freqs_sin": fresh.freqs_sin}
+
+
+def load_single_file(path: str | Path, base, base_config: Mapping | None = None) -> WanTransformer3DModel:
+    """A WanTransformer3DModel from one original-layout file (bf16/fp16/fp32, float8, ComfyUI scaled fp8; prefixed or
+    not), read block by block and finished by `base` (quantized, moved)."""
+    from itertools import chain
+
+    from ..blockwise import materialize, read_units
+    from ..sd3.formats import open_file
+
+    reader = open_file(path)
+    prefix, names = strip_prefix(reader.keys())
+    require_t2v(names, path)
+    shapes = {k: reader.shape(prefix + k) for k in names if not k.endswith(".scale_weight")}
+    config = infer_config(shapes, base_config)
+    with torch.device("meta"):
+        model = WanTransformer3DModel.from_config(config)
+    expected = {to_original(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, unexpected = [k for k in expected if k not in shapes], [k for k in shapes if k not in expected]
+    wrong = [f"{k} {shapes[k]} != {s}" for k, s in expected.items() if k in shapes and shapes[k] != s]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path}: the weights do not fit the Wan transformer their shapes describe ({config['num_layers']} "
+                         f"blocks of width {config['num_attention_heads'] * config['attention_head_dim']}): {len(missing)} "
+                         f"missing {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}, {len(wrong)} of the wrong "
+                         f"shape {wrong[:5]}")
+    readers = {prefix + k: reader for k in names}
+    units = read_units(readers, BLOCK_LISTS, rename=lambda k: to_diffusers(k[len(prefix):]))
+    return materialize(model, chain(units, [computed_buffers(model)]), base, BLOCK_LISTS, str(path),
+                       exact=frozenset(computed_buffers(model)))
+
+
+# ---- LoRA files -----------------------------------------------------------------------------------------------
+def lora_to_file(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """peft-named tensors with `<module>.alpha` -> `diffusion_model.<original name>`, alpha/rank folded into lora_B of
+    LoRA, LoCon and DoRA modules (LoHa / LoKr keep `.alpha`)."""
+    return {LORA_PREFIX + to_original(k): v for k, v in fold_alphas(dict(state), with_dora=True).items()}
+
+
+@cache
+def _original_module_names() -> list[str]:
+    """Every Linear a Wan 2.1 transformer (I2V's image layers included) has, by its original name."""
+    config = {**known_configs()["wan2.1-t2v-1.3b"]["transformer"], "num_layers": 40, "image_dim": 1280,
+              "added_kv_proj_dim": 1536}
+    with torch.device("meta"):
+        model = WanTransformer3DModel.from_config(config)
+    return sorted(to_original(n) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+
+
+def lora_from_file(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Wan LoRA file -> peft-named tensors of the transformer with an `.alpha` per LoRA module (rank where the file
+    has none: scale 1). Reads ours (`diffusion_model.<original name>`), diffusers' (`transformer.<diffusers name>`,
+    DoRA magnitudes as `lora_magnitude_vector`) and kohya/musubi-tuner's (`lora_unet_<original name with _>`)."""
+    from ...adapters.kohya import from_kohya
+
+    heads = (LORA_PREFIX, DIFFUSERS_PREFIX, KOHYA_PREFIX + "_")
+    head = next((h for h in heads if any(k.startswith(h) for k in tensors)), None)
+    stray = [k for k in tensors if head is None or not k.startswith(head)]
+    if stray:
+        raise ValueError(f"not a Wan LoRA key: '{stray[0]}' (expected one layout: {', '.join(h + '...' for h in heads)})")
+    if head == DIFFUSERS_PREFIX:
+        state = {k[len(head):]: v for k, v in tensors.items()}
+        for key in [k for k in state if k.endswith(".lora_magnitude_vector")]:
+            state[key[: -len(".lora_magnitude_vector")] + ".dora_scale"] = state.pop(key).reshape(-1, 1)
+        return rank_alphas(state)
+    if head == LORA_PREFIX:
+        original = {k[len(head):]: v for k, v in tensors.items()}
+    else:
+        original, alphas = from_kohya(dict(tensors), _original_module_names(), KOHYA_PREFIX)
+        original.update({f"{m}.alpha": torch.tensor(a) for m, a in alphas.items()})
+    return rank_alphas({to_diffusers(k): v for k, v in original.items()})
+
+
+def lora_to_layout(tensors: Mapping[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    """A Wan LoRA file in any layout lora_from_file reads -> `comfy` (ours, `diffusion_model.<original name>`),
+    `diffusers` (`transformer.<diffusers name>`, as WanPipeline.save_lora_weights writes; DoRA magnitudes as peft's
+    `lora_magnitude_vector`) or `kohya` (`lora_unet_<original name with _>` with `.alpha`, musubi-tuner's)."""
+    from ...adapters.kohya import to_kohya
+
+    state = lora_from_file(tensors)
+    if layout == "comfy":
+        return lora_to_file(state)
+    if layout == "diffusers":
+        out = {}
+        for key, t in fold_alphas(state, with_dora=True).items():
+            if ".hada_" in key or ".lokr_" in key:
+                raise ValueError(f"{key}: diffusers reads LoRA and DoRA only; LoHa/LoKr files stay in the ComfyUI layout")
+            if key.endswith(".dora_scale"):
+                key, t = key[: -len(".dora_scale")] + ".lora_magnitude_vector", t.reshape(-1)
+            out[DIFFUSERS_PREFIX + key] = t
+        return out
+    original = {to_original(k): v for k, v in state.items()}
+    alphas = {k[: -len(".alpha")]: float(v) for k, v in original.items() if k.endswith(".alpha")}
+    return to_kohya({k: v for k, v in original.items() if not k.endswith(".alpha")}, alphas, KOHYA_PREFIX)
