@@ -16,7 +16,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "aitk-examples"
 RUNS = ["train_lora_flux_24gb.yaml", "train_lora_flex_24gb.yaml", "train_lora_flux_schnell_24gb.yaml",
         "modal/modal_train_lora_flux_24gb.yaml", "modal/modal_train_lora_flux_schnell_24gb.yaml",
         "train_full_fine_tune_flex.yaml", "train_lora_sd35_large_24gb.yaml", "train_lora_chroma_24gb.yaml",
-        "train_lora_hidream_48.yaml", "train_lora_wan21_1b_24gb.yaml"]
+        "train_lora_hidream_48.yaml", "train_lora_wan21_1b_24gb.yaml", "train_lora_wan21_14b_24gb.yaml"]
 
 
 def adapted(example: str, model: Path, data: Path, out: Path, assistant: Path | None, llama: Path | None = None) -> dict:

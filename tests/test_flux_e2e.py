@@ -196,3 +196,15 @@ def test_unknown_model_kwargs_are_refused(tiny_flux, dataset, tmp_path, write_co
     cfg = train_config(tiny_flux, dataset, tmp_path / "out", model={"model_kwargs": {"vae_tiling": True}})
     assert cli.main([str(write_config(cfg))]) == 1
     assert "model.model_kwargs: ['vae_tiling'] not supported yet for flux" in capsys.readouterr().err
+
+
+def test_unload_text_encoder_trains_on_the_trigger_alone(tiny_flux, dataset, tmp_path, write_config):
+    """ai-toolkit's train.unload_text_encoder: captions are ignored; every step is conditioned on the trigger word,
+    whose embedding is cached before the text encoders are freed."""
+    cfg = train_config(tiny_flux, dataset, tmp_path / "out", steps=2, train={"unload_text_encoder": True,
+                                                                              "cache_text_embeddings": False})
+    assert cli.main([str(write_config(cfg))]) == 0
+    cached = list((dataset / "_t_e_cache").glob("*.safetensors"))
+    assert len(cached) > 1 and len({p.stem.rsplit("_", 1)[1] for p in cached}) == 1  # one caption: "shp3s"
+    cfg["config"]["process"][0]["train"]["train_text_encoder"] = True
+    assert cli.main([str(write_config(cfg, "both.yaml"))]) == 1

@@ -297,6 +297,9 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, ge=0)
     train_unet: bool = True
     train_text_encoder: bool = False
+    # ai-toolkit's: captions ignored, every step conditioned on the trigger word (or the empty prompt), whose
+    # embedding is cached with the sample prompts' before the text encoders are freed
+    unload_text_encoder: bool = False
     cache_text_embeddings: bool = False
     skip_first_sample: bool = False
     force_first_sample: bool = False
@@ -332,7 +335,7 @@ class TrainConfig(Section):
         "optimizer_state_device": ("device", "cpu"),
     }
     unsupported = {
-        "linear_timesteps": False, "unload_text_encoder": False, "xformers": False,
+        "linear_timesteps": False, "xformers": False,
         "refiner_lr": None, "embedding_lr": None, "adapter_lr": None, "linear_timesteps2": False,
         "next_sample_timesteps": 8, "train_refiner": True, "switch_boundary_every": 1, "prompt_dropout_prob": 0.0,
         "negative_prompt": None, "max_negative_prompts": 1, "reg_weight": 1.0, "loss_target": "noise",
@@ -609,7 +612,10 @@ class ProcessConfig(Section):
         for ds in self.datasets:
             ds.trigger_word = ds.trigger_word if ds.trigger_word is not None else self.trigger_word
             ds.batch_size = ds.batch_size or train.batch_size
-            ds.cache_text_embeddings = ds.cache_text_embeddings or train.cache_text_embeddings
+            ds.cache_text_embeddings = ds.cache_text_embeddings or train.cache_text_embeddings or train.unload_text_encoder
+        if train.unload_text_encoder and train.train_text_encoder:
+            raise ValueError("train.unload_text_encoder and train.train_text_encoder exclude each other (the text "
+                             "encoders are freed once the trigger word is encoded); remove one")
         if len({ds.cache_text_embeddings for ds in self.datasets}) > 1:
             raise ValueError("cache_text_embeddings must be set on all datasets or none (or set train.cache_text_embeddings)")
         return self

@@ -198,9 +198,12 @@ def _item_fields(path: Path, cfg: Any, where: str, rule: tuple[int, int] | None)
 
 
 def build_items(dataset_cfgs: Sequence[Any], *, process_trigger: str | None, divisibility: int,
-                frame_rule: tuple[int, int] | None = None, warn: Callable[[str], None] = log.warning) -> list[Item]:
+                frame_rule: tuple[int, int] | None = None, warn: Callable[[str], None] = log.warning,
+                ignore_captions: bool = False) -> list[Item]:
     """Items of every dataset. `frame_rule` = (step, first): the architecture takes clips of step*k + first frames
-    (its items then carry frames, images as one); None: an image architecture, which takes no clip."""
+    (its items then carry frames, images as one); None: an image architecture, which takes no clip.
+    `ignore_captions` (train.unload_text_encoder): every item's caption is empty, so it trains on the trigger
+    word alone (or the empty prompt)."""
     items = []
     for index, cfg in enumerate(dataset_cfgs):
         folder, where = Path(cfg.folder_path).expanduser(), f"datasets[{index}]"
@@ -223,8 +226,8 @@ def build_items(dataset_cfgs: Sequence[Any], *, process_trigger: str | None, div
         if not found:
             exts = IMAGE_EXTS if frame_rule is None else IMAGE_EXTS + VIDEO_EXTS
             raise DataError(f"dataset folder {folder} has no usable image ({', '.join(exts)})")
-        captions = {path: read_caption(path, cfg.caption_ext, cfg.default_caption) for path in found}
-        if uncaptioned := sum(not c for c in captions.values()):
+        captions = {path: "" if ignore_captions else read_caption(path, cfg.caption_ext, cfg.default_caption) for path in found}
+        if not ignore_captions and (uncaptioned := sum(not c for c in captions.values())):
             warn(f"{uncaptioned} of {len(found)} {noun} in {folder} have no caption "
                  f"(no {cfg.caption_ext} file, default file or default_caption)")
         settings = dict(dataset_index=index, trigger=cfg.trigger_word or process_trigger,
@@ -351,10 +354,10 @@ class DataPipeline:
 
     def __init__(self, dataset_cfgs: Sequence[Any], *, process_trigger: str | None, divisibility: int,
                  batch_size: int, seed: int, frame_rule: tuple[int, int] | None = None,
-                 warn: Callable[[str], None] = log.warning):
+                 warn: Callable[[str], None] = log.warning, ignore_captions: bool = False):
         self.dataset_cfgs, self.seed = list(dataset_cfgs), seed
         self.items = build_items(self.dataset_cfgs, process_trigger=process_trigger, divisibility=divisibility,
-                                 frame_rule=frame_rule, warn=warn)
+                                 frame_rule=frame_rule, warn=warn, ignore_captions=ignore_captions)
         self.batches = BucketBatches(self.items, batch_size, seed)
         self.latent_cache = self.text_cache = None
 

@@ -276,7 +276,8 @@ class Run:
                                 f"needs: its buckets round down to at most {res // div * div} px a side")
         self.data = DataPipeline(proc.datasets, process_trigger=proc.trigger_word,
                                  divisibility=self.arch.bucket_divisibility, batch_size=tc.batch_size, seed=self.seed,
-                                 frame_rule=getattr(self.arch, "frame_rule", None))  # absent: an image model
+                                 frame_rule=getattr(self.arch, "frame_rule", None),  # absent: an image model
+                                 ignore_captions=tc.unload_text_encoder)
         self._prepare_caches()
         sampling = proc.sample is not None and not tc.disable_sampling and proc.sample.samples
         self.previewer = Previewer(proc.sample, self.arch, self.run_dir, proc.trigger_word) if sampling else None
