@@ -131,7 +131,8 @@ def lora_from_file(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A HiDream LoRA file in any layout of LORA_HEADS -> peft names, each LoRA module with an `.alpha` (rank where
     the file has none: scale 1, as the loaders read it) and DoRA magnitudes as `.dora_scale` (out, 1)."""
     heads = tuple(LORA_HEADS.values())
-    head = next((h for h in heads if any(k.startswith(h) for k in tensors)), None)
+    counts = {h: sum(k.startswith(h) for k in tensors) for h in heads}
+    head = max(heads, key=counts.get) if any(counts.values()) else None  # the file's layout: most of its keys
     stray = [k for k in tensors if head is None or not k.startswith(head)]
     if stray:
         raise ValueError(f"not a HiDream LoRA key: '{stray[0]}' (expected one layout: {', '.join(h + '...' for h in heads)})")
