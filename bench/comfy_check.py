@@ -1,6 +1,6 @@
 """Do our saved LoRA-family files apply completely in ComfyUI? Runs ComfyUI's own loader on them.
 
-For each architecture (flux, sdxl, kolors, sd3) and adapter type (lora, dora, locon, loha, lokr, lokr_factored) this
+For each architecture (flux, sdxl, kolors, sd3, chroma, hidream) and adapter type (lora, dora, locon, loha, lokr, lokr_factored) this
 trains a tiny run on CPU with our trainer, then applies the saved .safetensors the way ComfyUI's LoraLoader node
 does, with ComfyUI's unmodified code: `comfy.sd.load_lora_for_models` (model_lora_keys_unet -> convert_lora ->
 load_lora -> ModelPatcher.add_patches) and `ModelPatcher.patch_model` (comfy.lora.calculate_weight and the
@@ -8,7 +8,9 @@ weight_adapter classes). Its three silent failures are counted from its own log 
 read ("lora key not loaded"), targets the model lacks ("NOT LOADED"), and shape errors at patch time
 ("ERROR lora"). The patched weights are then compared with the trainer's: the peft model of the run's last
 step, merged by peft, converted to the original layout ComfyUI's models use (Flux: BFL names with fused qkv;
-SD3: SAI MMDiT names with fused qkv; SDXL / Kolors UNet: SGM `input_blocks...` names) by our full-checkpoint converters.
+SD3: SAI MMDiT names with fused qkv; Chroma: lodestones' BFL-style names; HiDream: diffusers' own names, which
+ComfyUI's HiDream uses; SDXL / Kolors UNet: SGM `input_blocks...` names) by our full-checkpoint converters.
+With --layout the file is first converted as `trainer lora convert --to LAYOUT` converts it.
 
     max rel err = max over weights of |W_comfy - W_trainer| / |W_trainer - W_base|
 
@@ -19,7 +21,9 @@ that base-norm formula computed from the trainer's own tensors, which should be 
 The model ComfyUI patches here: for Flux ComfyUI's real `comfy.model_base.Flux` built at the tiny model's
 size (its detect_unet_config hard-codes full-size Flux widths, which are replaced by the tiny ones); for SD3
 ComfyUI's `comfy.model_base.SD3` detected from the weights, on a tiny model of SAI's widths (64-wide heads, as many
-as blocks, which ComfyUI's SD3 LoRA map assumes); for the
+as blocks, which ComfyUI's SD3 LoRA map assumes); for Chroma and HiDream ComfyUI's real `model_base.Chroma` /
+`model_base.HiDream`, the class ComfyUI detects from the weights, built at the tiny model's widths (its detection
+hard-codes the released ones); for the
 UNets a stand-in `comfy.model_base.SDXL` instance (ComfyUI's UNetModel hard-codes GroupNorm(32), which our
 8-channel tiny UNet cannot build) whose `diffusion_model` holds exactly our SGM state dict, with ComfyUI's
 `supported_models.SDXL` config from ComfyUI's `detect_unet_config`; its key set is checked against a real
@@ -53,6 +57,7 @@ from safetensors.torch import load_file
 from eridiffusion import cli
 from eridiffusion.adapters import load_lora_state
 from eridiffusion.archs import get_arch_class
+from eridiffusion.archs.chroma.formats import diffusers_to_bfl as chroma_to_bfl
 from eridiffusion.archs.flux.formats import diffusers_to_bfl
 from eridiffusion.archs.sd3.formats import diffusers_to_sai
 from eridiffusion.archs.sdxl.formats import diffusers_to_sgm
@@ -64,8 +69,9 @@ from eridiffusion.train.loop import Run
 VARIANTS = {"lora": {"type": "lora"}, "dora": {"type": "dora"}, "locon": {"type": "locon"}, "loha": {"type": "loha"},
             "lokr": {"type": "lokr"},
             "lokr_factored": {"type": "lokr", "lokr_full_rank": False, "linear": 2, "linear_alpha": 4, "lokr_factor": 4}}
-ARCHS = ("flux", "sdxl", "kolors", "sd3")
-TINY = {"sd3": {"attention_head_dim": 64, "num_attention_heads": 2}}  # SAI's widths: 64 x depth
+ARCHS = ("flux", "sdxl", "kolors", "sd3", "chroma", "hidream")
+TINY = {"sd3": {"attention_head_dim": 64, "num_attention_heads": 2},  # SAI's widths: 64 x depth
+        "chroma": {"num_layers": 2, "num_single_layers": 2}}  # more than one block of each kind in the key map
 SGM_UNET = "model.diffusion_model."
 
 
@@ -153,6 +159,21 @@ def comfy_model(comfy, arch: str, sd: dict[str, torch.Tensor], folder: Path):
         model = config.get_model(sd, "")
         model.diffusion_model.load_state_dict(sd, strict=True)  # every name and shape is ComfyUI's own
         return model
+    if arch == "chroma":  # detected as Chroma (distilled_guidance_layer.norms.0.scale), at full-size widths: tiny ones
+        c = json.loads((folder / "transformer" / "config.json").read_text())
+        hidden = c["num_attention_heads"] * c["attention_head_dim"]
+        unet_config.update(hidden_size=hidden, num_heads=c["num_attention_heads"], context_in_dim=c["joint_attention_dim"],
+                           axes_dim=c["axes_dims_rope"], in_channels=c["in_channels"], out_channels=c["in_channels"],
+                           in_dim=c["approximator_num_channels"], hidden_dim=c["approximator_hidden_dim"],
+                           out_dim=hidden, n_layers=c["approximator_layers"])
+        return _detected_model(comfy, "Chroma", unet_config, sd)
+    if arch == "hidream":  # detected as HiDream (caption_projection.0.linear.weight), at full-size widths: tiny ones
+        c = json.loads((folder / "transformer" / "config.json").read_text())
+        unet_config.update({k: c[k] for k in ("attention_head_dim", "num_attention_heads", "axes_dims_rope",
+                                              "caption_channels", "max_resolution", "in_channels", "out_channels",
+                                              "llama_layers", "num_routed_experts", "num_activated_experts",
+                                              "num_layers", "num_single_layers", "patch_size", "text_emb_dim")})
+        return _detected_model(comfy, "HiDream", unet_config, sd)
     if arch == "sd3":
         config = comfy.supported_models.SD3(unet_config)
         config.set_inference_dtype(torch.float32, None)
@@ -172,6 +193,17 @@ def comfy_model(comfy, arch: str, sd: dict[str, torch.Tensor], folder: Path):
     torch.nn.Module.__init__(model)
     model.model_config, model.device = config, torch.device("cpu")
     model.diffusion_model = module_tree({k: v for k, v in sd.items() if k not in extra})
+    return model
+
+
+def _detected_model(comfy, name: str, unet_config: dict, sd: dict[str, torch.Tensor]):
+    """ComfyUI's supported model `name` (checked to be the one it detects from the weights) holding `sd`."""
+    if unet_config["image_model"] != getattr(comfy.supported_models, name).unet_config["image_model"]:
+        raise RuntimeError(f"ComfyUI detects {unet_config['image_model']}, not {name}, from these weights")
+    config = getattr(comfy.supported_models, name)(unet_config)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model(sd, "")
+    model.diffusion_model.load_state_dict(sd, strict=True)  # every name and shape is ComfyUI's own
     return model
 
 
@@ -252,14 +284,28 @@ def original_layout(arch: str, state: dict[str, torch.Tensor]) -> dict[str, torc
         return diffusers_to_bfl(state)
     if arch == "sd3":
         return diffusers_to_sai(state)
+    if arch == "chroma":
+        return chroma_to_bfl(state)
+    if arch == "hidream":  # ComfyUI's HiDream names are diffusers'
+        return dict(state)
     unet = dict(state)
     extra = {k: unet.pop(k) for k in list(unet) if k.startswith("encoder_hid_proj.")}
     return {**{k[len(SGM_UNET):]: v for k, v in diffusers_to_sgm({"unet": unet}).items()}, **extra}
 
 
-def check(comfy, arch: str, variant: str, model_dir: Path, work: Path, steps: int, all_layers: bool) -> dict:
+class Refused(Exception):
+    pass
+
+
+def check(comfy, arch: str, variant: str, model_dir: Path, work: Path, steps: int, all_layers: bool,
+          layout: str | None = None) -> dict:
     cfg, run_dir = train(arch, variant, model_dir, work, steps, all_layers)
     lora = load_file(run_dir / "check.safetensors")
+    if layout:  # the file as `trainer lora convert --to <layout>` writes it
+        try:
+            lora = get_arch_class(arch).lora_to_layout(lora, layout)
+        except ValueError as e:  # a conversion the tool refuses (LoHa/LoKr into fused weights)
+            raise Refused(f"{arch} {variant} --to {layout}: refused: {e}") from e
     base_d, merged_d, peft_state = trainer_weights(cfg, run_dir)
     base, merged = original_layout(arch, base_d), original_layout(arch, merged_d)
     model = comfy_model(comfy, arch, base, model_dir)
@@ -274,7 +320,7 @@ def check(comfy, arch: str, variant: str, model_dir: Path, work: Path, steps: in
     rel_w = {k: ((weights[k] - merged[k]).norm() / merged[k].norm()).item() for k in changed}
     untouched = {k for k in merged if k in weights and k not in changed and not torch.equal(weights[k], base[k])}
     unchanged = {k for k in changed if torch.equal(weights[k], base[k])}  # trained, yet left as it was by ComfyUI
-    row = {"arch": arch, "type": variant, "file_keys": len(lora), "loaded": len(lora) - len(unloaded),
+    row = {"arch": arch, "type": variant, "layout": layout or "saved", "file_keys": len(lora), "loaded": len(lora) - len(unloaded),
            "unloaded": len(unloaded), "not_loaded_targets": len(dropped), "errors": len(errors),
            "patched": len(targets), "trainer_changed": len(changed), "missed": len((changed - targets) | unchanged | absent),
            "extra_patched": len(untouched), "max_rel_err": max(rel.values(), default=float("nan")),
@@ -309,6 +355,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--work", type=Path, help="where the tiny models and runs go (default: a temporary folder)")
     p.add_argument("--json", type=Path, help="also write the rows here")
+    p.add_argument("--layout", help="apply the saved file converted to this layout of the arch's lora_layouts "
+                   "(trainer lora convert --to LAYOUT) instead of the file itself")
     p.add_argument("--all-layers", action="store_true", help="network.transformer_only: false (embedders, "
                    "modulation, time embedding, final layer ... too)")
     args = p.parse_args(argv)
@@ -316,22 +364,28 @@ def main(argv=None) -> int:
     logging.getLogger("eridiffusion").setLevel(logging.WARNING)
     work = args.work or Path(tempfile.mkdtemp(prefix="comfy-check-"))
     work.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, refused = [], []
     for arch in args.archs.split(","):
         model_dir = work / "models" / arch
         if not model_dir.exists():
             get_arch_class(arch).build_tiny(model_dir, **TINY.get(arch, {}))
         for variant in args.types.split(","):
-            rows.append(check(comfy, arch, variant, model_dir, work, args.steps, args.all_layers))
+            try:
+                rows.append(check(comfy, arch, variant, model_dir, work, args.steps, args.all_layers, args.layout))
+            except Refused as e:
+                refused.append(str(e))
+                print(refused[-1], flush=True)
+                continue
             print(json.dumps(rows[-1]), flush=True)
     print(f"\nComfyUI {comfy_commit(args.comfy)}\n")
-    cols = ("arch", "type", "file_keys", "loaded", "unloaded", "not_loaded_targets", "errors", "patched",
+    cols = ("arch", "type", "layout", "file_keys", "loaded", "unloaded", "not_loaded_targets", "errors", "patched",
             "trainer_changed", "missed", "max_rel_err", "max_rel_err_weight")
     print("| " + " | ".join(cols) + " | DoRA vs base-norm formula |")
     print("|" + "---|" * (len(cols) + 1))
     for r in rows:
         extra = f"{r['vs_base_norm_dora']:.1e}" if "vs_base_norm_dora" in r else ""
         print("| " + " | ".join(f"{r[c]:.1e}" if c.startswith("max_rel_err") else str(r[c]) for c in cols) + f" | {extra} |")
+    print("".join(f"\n{line}" for line in refused))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     bad = [r for r in rows if r["unloaded"] or r["not_loaded_targets"] or r["errors"] or r["missed"] or r["extra_patched"]

@@ -213,7 +213,42 @@ class HiDream:
         metadata); for a plain LoRA the main file already loads in diffusers."""
         save_lora_with_diffusers(HiDreamImagePipeline, path, {"transformer_lora": modules["transformer"]}, dtype)
 
-    lora_layouts: tuple[str, ...] = ()  # trainer lora convert/merge: not yet for hidream
+    # ---- other layouts and merging (trainer lora convert / merge) ---------------------------------
+    # diffusers: ours (`transformer.<name>`); comfy: `diffusion_model.<name>`; kohya: `lora_unet_<name with _>`
+    # (ComfyUI's generic rules; its names are diffusers'). SimpleTuner's `lycoris_<name with _>` is read too.
+    lora_layouts = ("diffusers", "comfy", "kohya")
+    lora_to_layout = staticmethod(formats.lora_to_layout)
+
+    @staticmethod
+    def open_for_merge(base: str):
+        """trainer lora merge: ({component: module or state dict}, write(output), read(file tensors) -> states) for
+        the base as the user keeps it: a diffusers folder is written as a folder (the other components linked or
+        copied), a single file (ComfyUI's diffusion_models/hidream_i1_*.safetensors) as one, with its prefix and any
+        other tensors it holds. A single file's weights are merged by name: no config is needed."""
+        from safetensors.torch import save_file
+
+        from ..blockwise import FLOAT8
+        from ..sources import load_state_dict_file, resolve_model_source
+
+        read = lambda tensors: {"transformer": formats.lora_from_file(tensors)}
+        src = resolve_model_source(base, key="--base")
+        if src.kind == "single_file":
+            sd = load_state_dict_file(src.path)
+            prefix, names = formats.strip_prefix(sd)
+            formats.require_transformer(names, f"--base {src.path}")
+            state = {k: sd[prefix + k] for k in names}  # the same tensors: merged in place, written with the rest
+            if any(v.dtype in FLOAT8 for v in state.values()):
+                raise ValueError(f"--base {src.path}: a float8 model; merge into its bf16/fp16 release and quantize after")
+
+            def write(out: Path) -> None:
+                save_file({k: v.contiguous() for k, v in sd.items()}, str(out), metadata={"format": "pt"})
+            return {"transformer": state}, write, read
+        root = Path(src.path)
+        reader = next(iter(folder_readers(root / "transformer").values()))
+        dtype = next(reader.dtype(k) for k in reader.keys() if reader.dtype(k).is_floating_point)  # as stored
+        model = HiDreamImageTransformer2DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype,
+                                                               local_files_only=True)
+        return {"transformer": model}, lambda out: write_diffusers_folder(root, out, {"transformer": model}), read
 
     # ---- full fine-tune ------------------------------------------------------------------------
     full_component = "transformer"

@@ -11,7 +11,12 @@ transformer config whose model has exactly the file's tensor names and shapes.
 LoRA files are diffusers' layout, `transformer.<diffusers name>.lora_A/lora_B.weight`, which ComfyUI's HiDream
 branch and HiDreamImagePipeline.load_lora_weights both apply. diffusers refuses `.alpha` entries, so a LoRA's
 alpha / rank is folded into lora_B and the file has none: both loaders then scale by 1, as the trainer did.
-LoHa / LoKr modules keep `.alpha` (ComfyUI reads it; diffusers loads neither type)."""
+LoHa / LoKr modules keep `.alpha` (ComfyUI reads it; diffusers loads neither type).
+
+`trainer lora convert` writes the same tensors under ComfyUI's other HiDream names: its generic
+`diffusion_model.<name>` (which diffusers' HiDream loader converts too) and kohya's `lora_unet_<name with _>`, every
+module with its `.alpha`; SimpleTuner's `lycoris_<name with _>` is read as well. The names are diffusers' in every
+layout, so a conversion only renames."""
 from __future__ import annotations
 
 import json
@@ -21,6 +26,7 @@ from pathlib import Path
 import torch
 from diffusers import HiDreamImageTransformer2DModel
 
+from ...adapters.kohya import from_kohya, to_kohya
 from ...adapters.merge import fold_alphas, rank_alphas
 from ..sources import SAFETENSORS_SUFFIXES, _require_weight_suffix, load_state_dict_file
 
@@ -62,13 +68,18 @@ def strip_prefix(keys) -> tuple[str, list[str]]:
                     and not k.endswith(".scale_input")]
 
 
+def require_transformer(names, source: str) -> None:
+    """An error naming what is missing unless `names` (unprefixed) are a HiDream-I1 transformer's."""
+    missing = [k for k in REQUIRED if k not in names]
+    if missing:
+        raise ValueError(f"{source} is not a HiDream-I1 transformer: it lacks {missing} (first keys: {sorted(names)[:5]})")
+
+
 def config_for(shapes: dict[str, tuple], candidates: list[dict], source: str) -> dict:
     """The first candidate config whose model has exactly these tensor names and shapes (ComfyUI scaled-fp8
     `.scale_weight` entries aside)."""
     names = {k: s for k, s in shapes.items() if not k.endswith(".scale_weight")}
-    if not all(k in names for k in REQUIRED):
-        raise ValueError(f"{source} is not a HiDream-I1 transformer: it lacks {[k for k in REQUIRED if k not in names]} "
-                         f"(first keys: {sorted(names)[:5]})")
+    require_transformer(names, source)
     tried = []
     for config in candidates:
         with torch.device("meta"):
@@ -113,9 +124,43 @@ def lora_to_file(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {FILE_PREFIX + k: v for k, v in fold_alphas(state, with_dora=True).items()}
 
 
+LORA_HEADS = {"diffusers": FILE_PREFIX, "comfy": "diffusion_model.", "kohya": "lora_unet_", "lycoris": "lycoris_"}
+
+
 def lora_from_file(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`transformer.<name>` keys -> peft names; a LoRA module without `.alpha` gets alpha = rank (its scale, 1)."""
-    bad = [k for k in tensors if not k.startswith(FILE_PREFIX)]
-    if bad:
-        raise ValueError(f"not a diffusers-layout HiDream LoRA (key '{bad[0]}' lacks the '{FILE_PREFIX}' prefix)")
-    return rank_alphas({k[len(FILE_PREFIX):]: v for k, v in tensors.items()})
+    """A HiDream LoRA file in any layout of LORA_HEADS -> peft names, each LoRA module with an `.alpha` (rank where
+    the file has none: scale 1, as the loaders read it) and DoRA magnitudes as `.dora_scale` (out, 1)."""
+    heads = tuple(LORA_HEADS.values())
+    counts = {h: sum(k.startswith(h) for k in tensors) for h in heads}
+    head = max(heads, key=counts.get) if any(counts.values()) else None  # the file's layout: most of its keys
+    stray = [k for k in tensors if head is None or not k.startswith(head)]
+    if stray:
+        raise ValueError(f"not a HiDream LoRA key: '{stray[0]}' (expected one layout: {', '.join(h + '...' for h in heads)})")
+    if head.endswith("_"):
+        state, alphas = from_kohya(tensors, _module_names(), head[:-1])
+        state.update({f"{m}.alpha": torch.tensor(a) for m, a in alphas.items()})
+    else:
+        state = {k[len(head):]: v for k, v in tensors.items()}
+    for key in [k for k in state if k.endswith(".lora_magnitude_vector")]:  # peft's DoRA magnitude (diffusers' saver)
+        state[key[: -len(".lora_magnitude_vector")] + ".dora_scale"] = state.pop(key).reshape(-1, 1)
+    return rank_alphas(state)
+
+
+def lora_to_layout(tensors: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    """A HiDream LoRA file in any layout lora_from_file reads -> the same adapters in `layout`: `diffusers` is the
+    trainer's own file (alpha folded into LoRA / DoRA), `comfy` the same under `diffusion_model.`, `kohya`
+    `lora_unet_<name with _>` with every module's `.alpha`."""
+    state = lora_from_file(tensors)
+    if layout == "kohya":
+        alphas = {k[: -len(".alpha")]: float(v) for k, v in state.items() if k.endswith(".alpha")}
+        return to_kohya({k: v for k, v in state.items() if not k.endswith(".alpha")}, alphas, LORA_HEADS[layout][:-1])
+    return {LORA_HEADS[layout] + k: v for k, v in fold_alphas(state, with_dora=True).items()}
+
+
+@cache
+def _module_names() -> list[str]:
+    """Every module name of HiDream-I1's transformer (all three releases share one architecture), which tells the
+    `_` of a kohya name that was a `.`."""
+    with torch.device("meta"):
+        model = HiDreamImageTransformer2DModel.from_config(known_configs()["hidream-i1-full"]["transformer"])
+    return [n for n, _ in model.named_modules() if n]
