@@ -23,13 +23,15 @@ class Previewer:
             if item.num_frames > 1 and not hasattr(arch, "frame_rule"):
                 raise ValueError(f"sample.samples[{i}].num_frames {item.num_frames}: {type(arch).__name__} makes images; "
                                  "set num_frames: 1 (or remove it)")
+            if item.ctrl_img and not getattr(arch, "takes_ctrl_img", False):
+                raise ValueError(f"sample.samples[{i}].ctrl_img: {type(arch).__name__} samples take no image; remove it")
             self.requests.append((
                 SampleRequest(
                     text=arch.encode_prompts([item.prompt.replace("[trigger]", trigger or "")]),
                     neg_text=arch.encode_prompts([item.neg]) if item.neg else None,
                     width=max(div, item.width // div * div), height=max(div, item.height // div * div),
                     steps=item.sample_steps, guidance_scale=item.guidance_scale, seed=item.seed,
-                    num_frames=item.num_frames),
+                    num_frames=item.num_frames, ctrl_img=item.ctrl_img),
                 item.network_multiplier, item.fps))
 
     def render(self, step: int, scaled) -> list[Path]:

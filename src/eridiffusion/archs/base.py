@@ -33,6 +33,7 @@ class SampleRequest:
     guidance_scale: float
     seed: int
     num_frames: int = 1  # video architectures (frame_rule): >1 asks for a clip, generate() returns its frames
+    ctrl_img: str | None = None  # the sample's ctrl_img (a path), for architectures with `takes_ctrl_img`
 
 
 class Architecture(Protocol):
@@ -62,7 +63,9 @@ class Architecture(Protocol):
         (assistant LoRA fused, quantized, moved or kept on the host) and how text encoders are quantized."""
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[B,3,H,W] in [-1,1] -> latents [B,C,h,w] as the denoiser sees them (scaled/shifted)."""
+        """[B,3,H,W] in [-1,1] -> latents [B,C,h,w] as the denoiser sees them (scaled/shifted). An architecture
+        that also conditions on the pixels themselves (Wan I2V: the first frame) may return a dict of named tensors,
+        batch first; it is cached and batched part by part and reaches training_loss as that dict."""
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Text conditioning, every value with batch dim first. Cached to disk as-is."""

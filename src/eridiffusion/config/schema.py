@@ -99,6 +99,7 @@ _PROMPT_FLAGS: dict[str, tuple[str, type]] = {
     "l": ("guidance_scale", float), "cfg": ("guidance_scale", float), "s": ("sample_steps", int),
     "steps": ("sample_steps", int), "m": ("network_multiplier", float), "network_multiplier": ("network_multiplier", float),
     "frames": ("num_frames", int), "num_frames": ("num_frames", int), "fps": ("fps", int),
+    "ctrl_img": ("ctrl_img", str),
 }
 
 
@@ -524,7 +525,8 @@ class SampleItem(Section):
     network_multiplier: float | None = None
     num_frames: int | None = Field(None, ge=1)  # video models
     fps: int | None = Field(None, ge=1)
-    unsupported = {"ctrl_img": None, "ctrl_idx": None, "ctrl_img_1": None,
+    ctrl_img: str | None = None  # the start image of image-to-video models
+    unsupported = {"ctrl_idx": None, "ctrl_img_1": None,
                    "ctrl_img_2": None, "ctrl_img_3": None, "do_cfg_norm": False}
 
     @model_validator(mode="before")

@@ -65,6 +65,22 @@ def share(todo: dict, rank: int, world: int) -> dict:
     return {k: todo[k] for k in keys}
 
 
+def latent_entry(encoded: torch.Tensor | Tensors) -> Tensors:
+    """encode_images' output for one item (batch of 1) as cache entries: a tensor as "latent", the parts of a dict
+    (an architecture's conditioning computed from the same pixels) as "latent.<name>"."""
+    if isinstance(encoded, torch.Tensor):
+        return {"latent": encoded[0]}
+    return {f"latent.{name}": v[0] for name, v in encoded.items()}
+
+
+def stack_latents(entries: list[Tensors]) -> torch.Tensor | Tensors:
+    """Cache entries of one batch -> what encode_images returns for it (a tensor, or a dict of the same names)."""
+    if "latent" in entries[0]:
+        return torch.stack([e["latent"] for e in entries])
+    names = [k for k in entries[0] if k.startswith("latent.")]
+    return {k[len("latent."):]: torch.stack([e[k] for e in entries]) for k in names}
+
+
 class LatentCache:
     """Latents per item: `<image dir>/_latent_cache/<stem>_<key>.safetensors` (or memory), where the key
     covers the image or clip file (name, size, mtime), bucket, crop mode, flips, scale, the frame selection
@@ -82,7 +98,7 @@ class LatentCache:
         return item.path.parent / "_latent_cache" / f"{item.path.stem}_{key}.safetensors"
 
     def get(self, item: Item) -> Tensors | None:
-        """{"latent": encode_images' output for the item, "crop_top_left": [2] (y, x), and for a video
+        """{"latent": encode_images' output for the item (or its parts, see latent_entry), "crop_top_left": [2] (y, x), and for a video
         architecture "frame_start": [] (the first frame's index)}, or None if not cached."""
         return self._store.get(self.path(item))
 
@@ -94,7 +110,7 @@ class LatentCache:
         todo = {path: item for path, item in mine.items() if not self._store.has(path)}
         for path, item in tqdm(todo.items(), desc="caching latents", disable=not progress):
             pixels, crop, start = item.pixels(random.Random(path.name))
-            entry = {"latent": self.encode(pixels[None].to(device, dtype))[0], "crop_top_left": torch.tensor(crop)}
+            entry = {**latent_entry(self.encode(pixels[None].to(device, dtype))), "crop_top_left": torch.tensor(crop)}
             if item.frames is not None:
                 entry["frame_start"] = torch.tensor(start)
             self._store.put(path, entry)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from .buckets import bucket_for, fit_to_bucket, to_tensor
-from .cache import LatentCache, TextCache
+from .cache import LatentCache, TextCache, stack_latents
 from .captions import process_caption, read_caption
 from .images import IMAGE_EXTS, ImageError, image_size, load_image
 from .video import (
@@ -317,7 +317,7 @@ def load_batch(items: Sequence[Item], *, rng: random.Random, latent_cache: Laten
     the captions come as embeddings (the cached caption, or the dropout one)."""
     cached = [latent_cache.get(item) for item in items] if latent_cache is not None else [None]
     if all(entry is not None for entry in cached):
-        pixels, latents = None, torch.stack([entry["latent"] for entry in cached])
+        pixels, latents = None, stack_latents(cached)
         crops = [tuple(entry["crop_top_left"].tolist()) for entry in cached]
         starts = [int(entry["frame_start"]) if "frame_start" in entry else 0 for entry in cached]
     else:
