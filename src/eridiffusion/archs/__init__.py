@@ -15,6 +15,7 @@ ARCHS: dict[str, str] = {
     "chroma": "eridiffusion.archs.chroma:Chroma",
     "hidream": "eridiffusion.archs.hidream:HiDream",
     "wan21": "eridiffusion.archs.wan21:Wan21",
+    "wan21_i2v": "eridiffusion.archs.wan21.i2v:Wan21I2V",
 }
 
 

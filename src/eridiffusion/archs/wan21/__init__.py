@@ -46,12 +46,13 @@ class Wan21:
     model_kwargs = {"max_text_length": 512}  # UMT5 tokens, as WanPipeline's default
     # frame counts the VAE takes: 4k + 1 (images are 1 frame); pixels [B, 3, F, H, W]
     frame_rule = (4, 1)
+    variant, pipeline_cls, model_paths, outside_blocks = "t2v", WanPipeline, MODEL_PATHS, OUTSIDE_BLOCKS  # the I2V subclass (i2v.py) changes these
 
     def __init__(self, proc, device: torch.device, dtype: torch.dtype):
         self.model_cfg, self.train_cfg = proc.model, proc.train
         self.device, self.dtype = device, dtype
         self.max_sequence_length = int({**self.model_kwargs, **proc.model.model_kwargs}["max_text_length"])
-        check_flow_model_keys(proc, "wan21", MODEL_PATHS, not_applicable=("bypass_guidance_embedding",))
+        check_flow_model_keys(proc, formats.ARCH_OF[self.variant], self.model_paths, not_applicable=("bypass_guidance_embedding",))
         if "vae" in proc.model.model_paths and proc.model.vae_path:
             raise ValueError("model.vae_path and model.model_paths.vae both name the VAE; keep one")
 
@@ -91,11 +92,13 @@ class Wan21:
         text_encoder.to(self.device)
         if single:
             config = root / "transformer" / "config.json"
-            transformer = formats.load_single_file(single, base, json.loads(config.read_text()) if config.is_file() else None)
+            transformer = formats.load_single_file(single, base, json.loads(config.read_text()) if config.is_file() else None,
+                                                   want=self.variant)
         else:
+            config = WanTransformer3DModel.load_config(main_root, subfolder="transformer", local_files_only=True)
+            formats.check_variant("i2v" if config.get("image_dim") else "t2v", main_root, self.variant)
             with torch.device("meta"):  # filled block by block, each block finished (quantized, moved) as it arrives
-                transformer = WanTransformer3DModel.from_config(
-                    WanTransformer3DModel.load_config(main_root, subfolder="transformer", local_files_only=True))
+                transformer = WanTransformer3DModel.from_config(config)
             folder = main_root / "transformer"
             rope = formats.computed_buffers(transformer)
             materialize(transformer, chain(read_units(folder_readers(folder), BLOCK_LISTS), [rope]), base, BLOCK_LISTS,
@@ -105,8 +108,8 @@ class Wan21:
         sched_cls = getattr(diffusers, json.loads((root / "scheduler" / "scheduler_config.json").read_text())["_class_name"])
         scheduler = sched_cls.from_pretrained(root, subfolder="scheduler", local_files_only=True)
         # The sampling pipeline shares these very modules, so previews use the in-training weights.
-        self.pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=self.vae, scheduler=scheduler,
-                                transformer=transformer)
+        self.pipe = self.pipeline_cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=self.vae, scheduler=scheduler,
+                                      transformer=transformer, **self.load_image_encoder(root, paths))
         self.pipe.set_progress_bar_config(disable=True)
         p = transformer.config.patch_size
         self.bucket_divisibility = self.pipe.vae_scale_factor_spatial * p[1]  # 8 x 2
@@ -116,6 +119,10 @@ class Wan21:
         self.latent_fingerprint = folder_fingerprint(vae_source, extra=f"wan21:{vae_dtype}")
         self.text_fingerprint = folder_fingerprint(*dict.fromkeys([te_source, tokenizer_folder]),
                                                    extra=f"wan21:{self.max_sequence_length}:{te_dtype}:{self.dtype}")
+
+    def load_image_encoder(self, root: Path, paths: dict[str, Path]) -> dict:
+        """The pipeline's image-conditioning components (none for T2V)."""
+        return {}
 
     def drop_text_encoders(self) -> None:
         self.pipe.text_encoder = None
@@ -146,24 +153,28 @@ class Wan21:
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """UMT5's last states of each prompt, zeros after its last token up to max_text_length (WanPipeline's)."""
-        embeds, _ = self.pipe.encode_prompt(prompt=prompts, do_classifier_free_guidance=False, device=self.device,
-                                            max_sequence_length=self.max_sequence_length)
+        # WanPipeline's encoding for every variant: WanImageToVideoPipeline's is the same but needs ftfy installed
+        embeds = WanPipeline._get_t5_prompt_embeds(self.pipe, prompt=prompts, device=self.device,
+                                                   max_sequence_length=self.max_sequence_length)
         return {"prompt_embeds": embeds.to(self.dtype)}
 
     # ---- training ------------------------------------------------------------------------------
     def training_loss(self, latents, text, batch, generator):
         if latents.dim() == 4:  # [B, C, h, w] of an image: one latent frame
             latents = latents.unsqueeze(2)
+        return self.flow_loss(latents, lambda noisy, sigma: self.predict(noisy, sigma, text), generator)
+
+    def flow_loss(self, latents: torch.Tensor, predict, generator) -> torch.Tensor:
         f, h, w = latents.shape[-3:]
         pt, ph, pw = self.transformer.config.patch_size
-        return flow.training_loss(latents.to(self.device, self.dtype), lambda noisy, sigma: self.predict(noisy, sigma, text),
-                                  self.train_cfg, shift=self.shift, seq_len=(f // pt) * (h // ph) * (w // pw),
-                                  generator=generator)
+        return flow.training_loss(latents.to(self.device, self.dtype), predict, self.train_cfg, shift=self.shift,
+                                  seq_len=(f // pt) * (h // ph) * (w // pw), generator=generator)
 
-    def predict(self, noisy: torch.Tensor, sigma: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
+    def predict(self, noisy: torch.Tensor, sigma: torch.Tensor, text: dict[str, torch.Tensor],
+                image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         return self.transformer(hidden_states=noisy, timestep=sigma.float() * 1000,  # the scheduler's 0..1000 timesteps
                                 encoder_hidden_states=text["prompt_embeds"].to(self.device, self.dtype),
-                                return_dict=False)[0]
+                                encoder_hidden_states_image=image_embeds, return_dict=False)[0]
 
     # ---- LoRA ----------------------------------------------------------------------------------
     def lora_components(self, transformer_only: bool, train_text_encoder: bool) -> dict[str, LoraTargets]:
@@ -171,7 +182,7 @@ class Wan21:
         if train_text_encoder:
             raise ValueError("train.train_text_encoder is not supported for wan21 (UMT5-XXL); remove it")
         names = [n for n, m in self.transformer.named_modules() if isinstance(m, torch.nn.Linear)
-                 and (n.startswith("blocks.") or (not transformer_only and n in OUTSIDE_BLOCKS))]
+                 and (n.startswith("blocks.") or (not transformer_only and n in self.outside_blocks))]
         return {"transformer": LoraTargets(self.transformer, names, [])}
 
     def lora_to_file(self, states):
@@ -183,14 +194,14 @@ class Wan21:
     def save_diffusers_lora(self, path, modules: dict[str, torch.nn.Module], dtype: torch.dtype) -> None:
         """The LoRA as diffusers' own saver writes it (DoRA magnitudes as peft's `lora_magnitude_vector`); for a plain
         LoRA the main file already loads in WanPipeline, which converts the original layout itself."""
-        save_lora_with_diffusers(WanPipeline, path, {"transformer_lora": modules["transformer"]}, dtype)
+        save_lora_with_diffusers(self.pipeline_cls, path, {"transformer_lora": modules["transformer"]}, dtype)
 
     # ---- other layouts and merging (trainer lora convert / merge) ---------------------------------
     lora_layouts = ("comfy", "diffusers", "kohya")
     lora_to_layout = staticmethod(formats.lora_to_layout)
 
-    @staticmethod
-    def open_for_merge(base: str):
+    @classmethod
+    def open_for_merge(cls, base: str):
         """trainer lora merge into a Wan diffusers folder (written as a folder) or original-layout single file (as one)."""
         from safetensors.torch import save_file
 
@@ -201,7 +212,7 @@ class Wan21:
         if src.kind == "single_file":
             sd = load_state_dict_file(src.path)
             prefix, names = formats.strip_prefix(sd)
-            formats.require_t2v(names, f"--base {src.path}")
+            formats.require_variant(names, f"--base {src.path}", cls.variant)
             if any(v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for v in sd.values()):
                 raise ValueError(f"--base {src.path}: a float8 model; merge into its bf16/fp16 release and quantize after")
             state = {formats.to_diffusers(k): sd[prefix + k] for k in names}
@@ -231,6 +242,10 @@ class Wan21:
         write_diffusers_folder(getattr(self, "components_root", None), folder, modules)
 
     # ---- previews ------------------------------------------------------------------------------
+    def sample_inputs(self, request: SampleRequest) -> dict:
+        """What else the pipeline takes for this sample (I2V: the start image)."""
+        return {}
+
     @torch.no_grad()
     def generate(self, request: SampleRequest):
         """A still (num_frames 1), else the video's frames (WanPipeline rounds the count to 4k + 1)."""
@@ -242,6 +257,6 @@ class Wan21:
                 height=request.height, width=request.width, num_frames=request.num_frames,
                 num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
                 max_sequence_length=self.max_sequence_length, output_type="pil",
-                generator=torch.Generator(self.device).manual_seed(request.seed),
+                generator=torch.Generator(self.device).manual_seed(request.seed), **self.sample_inputs(request),
             ).frames[0]
         return frames[0] if request.num_frames == 1 else frames

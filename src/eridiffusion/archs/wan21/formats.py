@@ -113,7 +113,11 @@ def variant(names: Iterable[str]) -> str:
     return "t2v"
 
 
-def require_t2v(names: Iterable[str], source) -> None:
+ARCH_OF = {"t2v": "wan21", "i2v": "wan21_i2v"}  # model.arch that trains each variant
+
+
+def require_variant(names: Iterable[str], source, want: str) -> None:
+    """The original-layout names are a Wan 2.1 transformer of variant `want` ('t2v' or 'i2v'), else a clear error."""
     names = [k for k in names if not k.endswith(".scale_weight")]
     missing = [k for k in _REQUIRED if k not in names]
     if missing:
@@ -122,11 +126,18 @@ def require_t2v(names: Iterable[str], source) -> None:
         hint = ("it is in diffusers' layout: point model.name_or_path at its diffusers folder"
                 if any(k.startswith("blocks.0.attn1.") for k in names) else describe_checkpoint(names))
         raise ValueError(f"{source} is not a Wan 2.1 transformer in the original layout (no {missing[0]}): {hint}")
-    kind = variant(names)
-    if kind != "t2v":
-        what = {"i2v": "an image-to-video (I2V) model (img_emb / k_img)", "vace": "a VACE model (vace_blocks)"}[kind]
-        raise ValueError(f"{source} is {what}: model.arch wan21 trains text-to-video Wan 2.1 (1.3B, 14B); "
-                         f"Wan 2.1 {kind.upper()} is not supported yet")
+    check_variant(variant(names), source, want)
+
+
+def check_variant(kind: str, source, want: str) -> None:
+    if kind == want:
+        return
+    what = {"t2v": "a text-to-video (T2V) model", "i2v": "an image-to-video (I2V) model (img_emb / k_img)",
+            "vace": "a VACE model (vace_blocks)"}[kind]
+    if kind == "vace":
+        raise ValueError(f"{source} is {what}: Wan 2.1 VACE is not supported yet")
+    raise ValueError(f"{source} is {what}: set model.arch: {ARCH_OF[kind]} (model.arch {ARCH_OF[want]} trains "
+                     f"{want.upper()} models)")
 
 
 def infer_config(shapes: Mapping[str, tuple], base: Mapping | None = None) -> dict:
@@ -148,7 +159,11 @@ def infer_config(shapes: Mapping[str, tuple], base: Mapping | None = None) -> di
         "num_layers": len({k.split(".")[1] for k in shapes if k.startswith("blocks.")}),
         "cross_attn_norm": "blocks.0.norm3.weight" in shapes,
         "qk_norm": "rms_norm_across_heads" if "blocks.0.self_attn.norm_q.weight" in shapes else None,
-        "image_dim": None, "added_kv_proj_dim": None, "pos_embed_seq_len": None,
+        # I2V: the CLIP vision width the image embedder takes, and the image keys' input width
+        "image_dim": shapes["img_emb.proj.0.weight"][0] if "img_emb.proj.0.weight" in shapes else None,
+        "added_kv_proj_dim": shapes["blocks.0.cross_attn.k_img.weight"][1]
+        if "blocks.0.cross_attn.k_img.weight" in shapes else None,
+        "pos_embed_seq_len": None,
     }
 
 
@@ -161,9 +176,9 @@ def computed_buffers(model: WanTransformer3DModel) -> dict[str, torch.Tensor]:
     return {"rope.freqs_cos": fresh.freqs_cos, "rope.freqs_sin": fresh.freqs_sin}
 
 
-def load_single_file(path: str | Path, base, base_config: Mapping | None = None) -> WanTransformer3DModel:
+def load_single_file(path: str | Path, base, base_config: Mapping | None = None, want: str = "t2v") -> WanTransformer3DModel:
     """A WanTransformer3DModel from one original-layout file (bf16/fp16/fp32, float8, ComfyUI scaled fp8; prefixed or
-    not), read block by block and finished by `base` (quantized, moved)."""
+    not) of variant `want` ('t2v', 'i2v'), read block by block and finished by `base` (quantized, moved)."""
     from itertools import chain
 
     from ..blockwise import materialize, read_units
@@ -171,7 +186,7 @@ def load_single_file(path: str | Path, base, base_config: Mapping | None = None)
 
     reader = open_file(path)
     prefix, names = strip_prefix(reader.keys())
-    require_t2v(names, path)
+    require_variant(names, path, want)
     shapes = {k: reader.shape(prefix + k) for k in names if not k.endswith(".scale_weight")}
     config = infer_config(shapes, base_config)
     with torch.device("meta"):
