@@ -78,10 +78,16 @@ def test_lora_file_layout_round_trips(arch):
         assert back[name].keys() == state.keys() and all(torch.equal(back[name][k], state[k]) for k in state)
 
 
-def test_preview_has_the_asked_size(arch):
+def test_preview_has_the_asked_size(arch, tmp_path):
     arch, _ = arch
     d = arch.bucket_divisibility
     arch.denoiser.eval()
+    ctrl_img = None
+    if getattr(arch, "takes_ctrl_img", False):  # image-to-video: the sample's start image
+        from PIL import Image
+
+        Image.new("RGB", (5 * d, 2 * d), (200, 40, 40)).save(ctrl_img := tmp_path / "start.png")
     image = arch.generate(SampleRequest(text=arch.encode_prompts(["a red circle"]), neg_text=None,
-                                        width=3 * d, height=2 * d, steps=2, guidance_scale=3.5, seed=0))
+                                        width=3 * d, height=2 * d, steps=2, guidance_scale=3.5, seed=0,
+                                        ctrl_img=ctrl_img and str(ctrl_img)))
     assert image.size == (3 * d, 2 * d)
