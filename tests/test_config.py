@@ -257,8 +257,9 @@ def test_parse_prompt_flags():
         "a cat", {"width": 768, "height": 512, "neg": "blurry, ugly", "seed": 7, "guidance_scale": 3.5,
                   "sample_steps": 30, "network_multiplier": 0.5})
     assert parse_prompt_flags("plain prompt") == ("plain prompt", {})
-    with pytest.raises(ConfigError, match="--ctrl_img"):
-        parse_prompt_flags("a cat --ctrl_img x.png")
+    assert parse_prompt_flags("a cat --ctrl_img x.png") == ("a cat", {"ctrl_img": "x.png"})  # image-to-video's start
+    with pytest.raises(ConfigError, match="--ctrl_idx"):
+        parse_prompt_flags("a cat --ctrl_idx 1")
     with pytest.raises(ConfigError, match="expects int"):
         parse_prompt_flags("a cat --w wide")
 
@@ -270,8 +271,8 @@ def test_samples_from_prompts_with_flags(tmp_path):
     first, second = sample.samples
     assert (first.prompt, first.width, first.height, first.seed) == ("a photo", 768, 512, 3)
     assert (second.prompt, second.width, second.seed, second.guidance_scale, second.sample_steps) == ("[trigger] dog", 1024, 11, 2.0, 20)
-    message = error_of(tmp_path, MINIMAL.replace('"a photo"', '"a photo --ctrl_img x.png"'))
-    assert "config.process[0].sample.samples[0]" in message and "--ctrl_img" in message
+    message = error_of(tmp_path, MINIMAL.replace('"a photo"', '"a photo --ctrl_idx 1"'))
+    assert "config.process[0].sample.samples[0]" in message and "--ctrl_idx" in message
     clip = process(load_text(tmp_path, MINIMAL.replace('{prompts: ["a photo"]}', '{fps: 12, prompts: ["a photo --frames 9"]}')))
     assert (clip.sample.samples[0].num_frames, clip.sample.samples[0].fps) == (9, 12)
 
