@@ -212,3 +212,19 @@ def test_blockwise_load_equals_from_pretrained_and_quantizes_all_but_the_exclusi
         if isinstance(layer, torch.nn.Linear):
             kept = name.startswith(("x_embedder", "t_embedder", "p_embedder", "final_layer"))
             assert is_quantized(layer.weight) != kept, name
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_transformer_loads_after_the_text_encoders_are_freed(cached, tiny_hidream, dataset, tmp_path, write_config, monkeypatch):
+    """Llama-3.1-8B and T5-XXL do not fit a 24 GB card beside the transformer: with cached text embeddings the
+    transformer loads once they are cached and the encoders freed; without, the encoders stay and load first."""
+    seen = []
+    load_denoiser = HiDream.load_denoiser
+
+    def recording(self):
+        seen.append([getattr(self.pipe, f"text_encoder{s}") is None for s in ("", "_2", "_3", "_4")])
+        load_denoiser(self)
+    monkeypatch.setattr(HiDream, "load_denoiser", recording)
+    cfg = hidream_config(tiny_hidream, dataset, tmp_path / "out", steps=1, train={"cache_text_embeddings": cached})
+    assert cli.main([str(write_config(cfg))]) == 0
+    assert seen == [[cached] * 4]

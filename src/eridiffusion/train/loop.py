@@ -261,13 +261,20 @@ class Run:
                                 fuse=(lambda module, unit: [f.fuse_into(module, unit) for f in fused.values()]) if fused else None)
         self.base.plan = self._plan_memory
         self.memory_plan = None
-        self.arch.load(self.base)
-        for key, lora in fused.items():
-            if lora.unfused():
-                raise ValueError(f"model.{key}: {len(lora.unfused())} of its layers match no layer of "
-                                 f"{proc.model.arch_name}, e.g. {lora.unfused()[:3]}")
-        if self.base.quantizer.storage or self.base.te_quantizer.storage:
-            print(f"Quantized base: denoiser {self.base.quantizer.describe()}; text encoders {self.base.te_quantizer.describe()}")
+        # an architecture whose text encoders and denoiser need not share the GPU loads the denoiser once the text
+        # embeddings are cached and the encoders freed (HiDream: Llama-3.1-8B + T5-XXL beside a 17 B transformer)
+        defer = hasattr(self.arch, "load_denoiser") and all(ds.cache_text_embeddings for ds in proc.datasets)
+        self.arch.load(self.base, **({"defer_denoiser": True} if defer else {}))
+
+        def denoiser_loaded():
+            for key, lora in fused.items():
+                if lora.unfused():
+                    raise ValueError(f"model.{key}: {len(lora.unfused())} of its layers match no layer of "
+                                     f"{proc.model.arch_name}, e.g. {lora.unfused()[:3]}")
+            if self.base.quantizer.storage or self.base.te_quantizer.storage:
+                print(f"Quantized base: denoiser {self.base.quantizer.describe()}; text encoders {self.base.te_quantizer.describe()}")
+        if not defer:
+            denoiser_loaded()
         div = self.arch.bucket_divisibility
         for i, ds in enumerate(proc.datasets):
             for res in ds.resolution:
@@ -285,6 +292,11 @@ class Run:
             self.arch.drop_text_encoders()
         if self.data.latent_cache is not None:
             self.arch.drop_vae_encoder()
+        if defer:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # the freed encoders' memory, for the memory plan made as the denoiser loads
+            self.arch.load_denoiser()
+            denoiser_loaded()
 
         if tc.attention_backend != "native":
             self.arch.denoiser.set_attention_backend(tc.attention_backend)

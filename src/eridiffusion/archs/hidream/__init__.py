@@ -59,7 +59,10 @@ class HiDream:
         return build_tiny_hidream(folder, **kw)
 
     # ---- loading -------------------------------------------------------------------------------
-    def load(self, base: FrozenBase | None = None) -> None:
+    def load(self, base: FrozenBase | None = None, defer_denoiser: bool = False) -> None:
+        """Every component; with `defer_denoiser`, all but the transformer, which `load_denoiser()` then loads
+        (the engine does so once the text embeddings are cached and the text encoders freed: Llama-3.1-8B and
+        T5-XXL and the 17 B transformer do not fit a 24 GB card together)."""
         self.base = base = base or FrozenBase(self.device, self.dtype)
         single, main_root, root = resolve_roots(self.model_cfg, COMPONENTS, "transformer")
         self.components_root = root
@@ -81,38 +84,49 @@ class HiDream:
                     load_text_encoder(T5EncoderModel, part["text_encoder_3"], root, "text_encoder_3", te_dtype),
                     LlamaForCausalLM.from_pretrained(llama[0], torch_dtype=te_dtype, local_files_only=True))
         # The text encoders (Llama 8B, T5-XXL) are placed before the transformer loads, so that the memory plan,
-        # made as it loads, counts the GPU memory they hold until the embeddings are cached and they are freed
+        # made as it loads, counts the GPU memory they hold (unless the engine defers the transformer until the
+        # embeddings are cached and the encoders freed: defer_denoiser)
         for m in encoders:
             base.te_quantizer(m.requires_grad_(False).eval())
             m.to(self.device)
-        if single:
-            extra = [HiDreamImageTransformer2DModel.load_config(root / "transformer")] \
-                if (root / "transformer" / "config.json").is_file() else []
-            transformer = formats.load_single_file(single, base, extra)
-        else:
-            with torch.device("meta"):  # filled block by block, each block finished (quantized, moved) as it arrives
-                transformer = HiDreamImageTransformer2DModel.from_config(
-                    HiDreamImageTransformer2DModel.load_config(main_root, subfolder="transformer", local_files_only=True))
-            folder = main_root / "transformer"
-            materialize(transformer, read_units(folder_readers(folder), BLOCK_LISTS), base, BLOCK_LISTS, str(folder))
-        self.transformer = self.denoiser = transformer
+        self._denoiser_source = single, main_root, root
         # Full ships UniPCMultistepScheduler, Dev and Fast FlowMatchLCMScheduler: the class its config names
         sched_cls = getattr(diffusers, json.loads((root / "scheduler" / "scheduler_config.json").read_text())["_class_name"])
         scheduler = sched_cls.from_pretrained(root, subfolder="scheduler", local_files_only=True)
         # The sampling pipeline shares these very modules, so previews use the in-training weights.
         self.pipe = HiDreamImagePipeline(
-            scheduler=scheduler, vae=self.vae, transformer=transformer,
+            scheduler=scheduler, vae=self.vae, transformer=None,
             **{name: m for name, m in zip(ENCODERS, encoders)},
             **{name.replace("text_encoder", "tokenizer"): t for name, t in zip(ENCODERS, tokenizers)})
         self.pipe.set_progress_bar_config(disable=True)
         self.vae_scale_factor = self.pipe.vae_scale_factor
-        self.bucket_divisibility = self.vae_scale_factor * transformer.config.patch_size
+        folder_config = (main_root or root) / "transformer" / "config.json"
+        patch = json.loads(folder_config.read_text())["patch_size"] if folder_config.is_file() else 2  # every release's
+        self.bucket_divisibility = self.vae_scale_factor * patch
         self.shift = flow.FlowShift(shift=formats.static_shift(scheduler.config))
         # the empty prompt, the previews' negative once the text encoders are freed (the pipeline encodes "")
         self.unconditional = self.encode_prompts([""])
         self.latent_fingerprint = folder_fingerprint(vae_source, extra=f"hidream:{vae_dtype}")
         self.text_fingerprint = folder_fingerprint(*(p for p in part.values()), *llama,
                                                    extra=f"hidream:{self.max_sequence_length}:{te_dtype}:{self.dtype}")
+        if not defer_denoiser:
+            self.load_denoiser()
+
+    def load_denoiser(self) -> None:
+        """The transformer, block by block, each block finished (quantized, moved or kept on the host) as it
+        arrives; the sampling pipeline shares it, so previews use the in-training weights."""
+        single, main_root, root = self._denoiser_source
+        if single:
+            extra = [HiDreamImageTransformer2DModel.load_config(root / "transformer")] \
+                if (root / "transformer" / "config.json").is_file() else []
+            transformer = formats.load_single_file(single, self.base, extra)
+        else:
+            with torch.device("meta"):
+                transformer = HiDreamImageTransformer2DModel.from_config(
+                    HiDreamImageTransformer2DModel.load_config(main_root, subfolder="transformer", local_files_only=True))
+            folder = main_root / "transformer"
+            materialize(transformer, read_units(folder_readers(folder), BLOCK_LISTS), self.base, BLOCK_LISTS, str(folder))
+        self.transformer = self.denoiser = self.pipe.transformer = transformer
 
     def _llama_folder(self, root: Path) -> tuple[Path, Path]:
         """(model folder, tokenizer folder) of Llama-3.1-8B-Instruct: model_kwargs.llama_model_path (a folder or a
