@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+from functools import cache
 from pathlib import Path
 
 
@@ -227,3 +229,13 @@ def write_diffusers_folder(root: Path | None, folder: Path, modules: dict) -> No
         folder.replace(old)
     tmp.replace(folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@cache
+def variant_configs(folder: Path) -> dict[str, dict]:
+    """An architecture's shipped configs of its released variants, `folder/<variant>/transformer/config.json` (without
+    diffusers' `_` keys) and `scheduler/scheduler_config.json`, by variant folder name."""
+    read = lambda p: {k: v for k, v in json.loads(p.read_text()).items() if not k.startswith("_")}
+    return {d.name: {"transformer": read(d / "transformer" / "config.json"),
+                     "scheduler": json.loads((d / "scheduler" / "scheduler_config.json").read_text())}
+            for d in sorted(folder.iterdir()) if d.is_dir()}

@@ -19,7 +19,6 @@ module with its `.alpha`; SimpleTuner's `lycoris_<name with _>` is read as well.
 layout, so a conversion only renames."""
 from __future__ import annotations
 
-import json
 from functools import cache
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from diffusers import HiDreamImageTransformer2DModel
 
 from ...adapters.kohya import from_kohya, to_kohya
 from ...adapters.merge import fold_alphas, rank_alphas
+from ..common import variant_configs
 from ..sources import SAFETENSORS_SUFFIXES, _require_weight_suffix, load_state_dict_file
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -37,13 +37,9 @@ REQUIRED = ("caption_projection.0.linear.weight", "double_stream_blocks.0.block.
 FILE_PREFIX = "transformer."
 
 
-@cache
 def known_configs() -> dict[str, dict]:
     """The released variants' transformer and scheduler configs shipped in configs/, by folder name."""
-    read = lambda p: {k: v for k, v in json.loads(p.read_text()).items() if not k.startswith("_")}
-    return {d.name: {"transformer": read(d / "transformer" / "config.json"),
-                     "scheduler": json.loads((d / "scheduler" / "scheduler_config.json").read_text())}
-            for d in sorted(CONFIG_DIR.iterdir()) if d.is_dir()}
+    return variant_configs(CONFIG_DIR)
 
 
 def static_shift(scheduler_config) -> float:

@@ -12,7 +12,6 @@ models apply (diffusers names load 0 tensors there); diffusers' WanPipeline.load
 A LoRA's alpha/rank is folded into lora_B (both loaders then use scale 1, as trained); LoHa/LoKr keep `.alpha`."""
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from functools import cache
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from ...adapters.merge import fold_alphas, rank_alphas
+from ..common import variant_configs
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 BLOCK_LISTS = ("blocks",)
@@ -86,13 +86,9 @@ def diffusers_to_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.
 
 
 # ---- recognising a single file and reading its config ---------------------------------------------------------
-@cache
 def known_configs() -> dict[str, dict]:
     """The released T2V variants' transformer and scheduler configs shipped in configs/, by folder name."""
-    read = lambda p: {k: v for k, v in json.loads(p.read_text()).items() if not k.startswith("_")}
-    return {d.name: {"transformer": read(d / "transformer" / "config.json"),
-                     "scheduler": json.loads((d / "scheduler" / "scheduler_config.json").read_text())}
-            for d in sorted(CONFIG_DIR.iterdir()) if d.is_dir()}
+    return variant_configs(CONFIG_DIR)
 
 
 def strip_prefix(keys: Iterable[str]) -> tuple[str, list[str]]:
