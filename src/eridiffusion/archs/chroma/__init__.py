@@ -26,7 +26,7 @@ from ..base import LoraTargets, SampleRequest
 from ..blockwise import FrozenBase, finish_loaded, folder_readers, materialize, read_units
 from ..common import (check_flow_model_keys, encode_latents, folder_fingerprint, load_text_encoder, load_vae,
                      on_device, resolve_roots, save_lora_with_diffusers, write_diffusers_folder)
-from ..flux import FILE_PREFIX, Flux, open_transformer_for_merge, read_any_lora
+from ..flux import Flux, open_transformer_for_merge, read_any_lora
 from ..sources import find_tokenizer_files, resolve_model_source
 from .formats import BLOCK_LISTS, computed_buffers, diffusers_to_bfl, load_chroma_single_file
 
@@ -163,14 +163,8 @@ class Chroma:
                  and (n.startswith(BLOCKS) or (not transformer_only and n in OUTSIDE_BLOCKS))]
         return {"transformer": LoraTargets(self.transformer, names, [])}
 
-    def lora_to_file(self, states):
-        return {FILE_PREFIX + k: v for k, v in states["transformer"].items()}
-
-    def lora_from_file(self, tensors):
-        bad = [k for k in tensors if not k.startswith(FILE_PREFIX)]
-        if bad:
-            raise ValueError(f"not a diffusers-layout Chroma LoRA (key '{bad[0]}' lacks the '{FILE_PREFIX}' prefix)")
-        return {"transformer": {k[len(FILE_PREFIX):]: v for k, v in tensors.items()}}
+    # the file is Flux's diffusers layout, `transformer.<diffusers name>`
+    lora_to_file, lora_from_file = Flux.lora_to_file, Flux.lora_from_file
 
     def save_diffusers_lora(self, path, modules: dict[str, torch.nn.Module], dtype: torch.dtype) -> None:
         """The LoRA as diffusers' own saver writes it: the main file already is, but for DoRA, whose magnitudes the

@@ -167,7 +167,7 @@ class Flux:
     def lora_from_file(self, tensors):
         bad = [k for k in tensors if not k.startswith(FILE_PREFIX)]
         if bad:
-            raise ValueError(f"not a diffusers-layout Flux LoRA (key '{bad[0]}' lacks the '{FILE_PREFIX}' prefix)")
+            raise ValueError(f"not a diffusers-layout {type(self).__name__} LoRA (key '{bad[0]}' lacks the '{FILE_PREFIX}' prefix)")
         return {"transformer": {k[len(FILE_PREFIX):]: v for k, v in tensors.items()}}
 
     def save_diffusers_lora(self, path, modules: dict[str, torch.nn.Module], dtype: torch.dtype) -> None:
