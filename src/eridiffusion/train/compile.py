@@ -17,7 +17,7 @@ def want_compile(setting: bool | None, device: torch.device) -> bool:
 
 def compile_denoiser(denoiser: torch.nn.Module, blocks=(), backend="inductor") -> None:
     """Compile each of `blocks` (the architecture's repeated blocks), else the classes diffusers names in
-    `_repeated_blocks`, else the whole denoiser as one graph (SD3's and HiDream's classes name none)."""
+    `_repeated_blocks`, else the whole denoiser as one graph (some diffusers classes name none)."""
     # Inductor's coalescing analysis asserted on the dynamic-shape graph of small buckets (torch 2.11, H100)
     torch._inductor.config.triton.coalesce_tiling_analysis = False
     names = set(getattr(denoiser, "_repeated_blocks", None) or ())

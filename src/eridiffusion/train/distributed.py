@@ -110,7 +110,7 @@ def data_parallel(arch, modules: dict[str, torch.nn.Module], device: torch.devic
     """The engine's DDP over the trained parameters only: frozen weights (quantized or not) are neither
     broadcast nor reduced. `some_unused`: a step may skip some trained layers (module dropout). Otherwise the
     graph is static (the same trained parameters every step), which spares DDP its per-step search of the graph:
-    an SDXL LoRA has ~1,500 trained tensors and its step is bound by the host."""
+    a UNet's LoRA has ~1,500 trained tensors and its step is bound by the host."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     wrapper = LossModule(arch, modules)

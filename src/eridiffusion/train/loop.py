@@ -262,7 +262,7 @@ class Run:
         self.base.plan = self._plan_memory
         self.memory_plan = None
         # an architecture whose text encoders and denoiser need not share the GPU loads the denoiser once the text
-        # embeddings are cached and the encoders freed (HiDream: Llama-3.1-8B + T5-XXL beside a 17 B transformer)
+        # embeddings are cached and the encoders freed (an 8 B text encoder beside a 17 B denoiser)
         defer = hasattr(self.arch, "load_denoiser") and all(ds.cache_text_embeddings for ds in proc.datasets)
         self.arch.load(self.base, **({"defer_denoiser": True} if defer else {}))
 
