@@ -105,6 +105,7 @@ def main():
     ap.add_argument("--video", default="832x480x81", help="video cases: WIDTHxHEIGHTxFRAMES")
     ap.add_argument("--sdpa", choices=["default", "cudnn"], default="default", help="cudnn: prefer cuDNN attention")
     ap.add_argument("--steps", type=int, default=8, help="timed steps (after 4 warm-up steps; 2 for video)")
+    ap.add_argument("--whole", type=int, help="override how many blocks run unchecked (the plan's whole_blocks)")
     ap.add_argument("--fp8mm", action="store_true", help="float8 base with fp8 matmuls (model.float8_matmul)")
     ap.add_argument("--small", action="store_true")
     args = ap.parse_args()
@@ -145,6 +146,8 @@ def main():
     storage = plan.storage if args.storage is None else (None if args.storage == "none" else args.storage)
     swap = plan.swap_blocks if args.swap is None else args.swap
     offload = plan.offload_activations if args.offload is None else args.offload == "on"
+    whole = args.whole if args.whole is not None else plan.whole_blocks if swap == plan.swap_blocks else 0
+    print(plan.line(), flush=True)
     base = FrozenBase(dev, torch.bfloat16, quantizer=Quantizer(storage, exclude), swap_blocks=swap,
                       float8_matmul=args.fp8mm and storage == "float8")
 
@@ -172,7 +175,7 @@ def main():
         p.data = p.data.to(dev)
     block_modules = [b for n in arch.block_lists for b in getattr(model, n)]
     if plan.checkpointing or swap or offload:  # block swap and offloading need checkpointing
-        enable_checkpointing(model, block_modules[:plan.whole_blocks if swap == plan.swap_blocks else 0], offload=offload)
+        enable_checkpointing(model, block_modules[:whole], offload=offload)
     if swap:
         from eridiffusion.train.offload import BlockSwap
 
@@ -209,20 +212,16 @@ def main():
             sync()
         return losses, time.perf_counter() - t
 
-    fallback = None
+    oom = None
     try:
         losses, seconds = timed()
-    except torch.cuda.OutOfMemoryError as e:  # the plan's estimate was short: say so, and time every block checkpointed
-        fallback = f"out of memory with the plan ({str(e).splitlines()[0][:120]}); every block checkpointed instead"
-        print(fallback, flush=True)
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
-        enable_checkpointing(model)
-        losses, seconds = timed()
+    except torch.cuda.OutOfMemoryError as e:  # the plan's estimate was short: say so, with the peak reached
+        oom = str(e).splitlines()[0][:160]
+        losses, seconds = [], float("nan")
     key = f"{args.arch}_{args.video if video else 'bs1'}_cap{args.cap:g}" + (f"_{args.storage}" if args.storage else "") + \
-        (f"_swap{args.swap}" if args.swap is not None else "") + (f"_offload{args.offload}" if args.offload else "") + \
+        (f"_swap{args.swap}" if args.swap is not None else "") + (f"_offload{args.offload}" if args.offload else "") + (f"_whole{args.whole}" if args.whole is not None else "") + \
         ("_cudnn" if args.sdpa == "cudnn" else "") + ("_fp8mm" if args.fp8mm else "")
-    result = {key: {"step_s": round(seconds / args.steps, 4), "fallback": fallback, "offload": offload, "tokens": tokens,
+    result = {key: {"step_s": round(seconds / args.steps, 4), "oom": oom, "offload": offload, "whole": whole, "tokens": tokens,
                     "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                     "n_lora": sum(p.numel() for p in params), "lora_layers": len(names), "warmup_losses": [round(x, 4) for x in losses],
                     "plan": plan.line(), "storage": storage, "swap": swap, "blocks": len(blocks)}}

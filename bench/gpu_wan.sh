@@ -4,14 +4,15 @@
 # ours (bench/arch_step.py) for those cases, each with the memory plan of a 24 GiB card inside that cap (ARGS go to
 # every run). Set-up: bench/device_env.sh.
 . bench/device_env.sh
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 if [ "$1" = ref ]; then
   timeout 330 python3 .whl/reference_step.py wan13b_480p81_ckpt wan14b_480p81_ckpt > $O/ref.log 2>&1; grep '^wan' $O/ref.log
   exit
 fi
-for case in $1; do
-  model=${case%%:*}; video=${case#*:}
+for case in $1; do  # MODEL:WxHxF or MODEL:WxHxF:ARG,ARG (e.g. wan14b:832x480x81:--swap,30)
+  IFS=: read -r model video more <<< "$case"
   limit=$([ $model = wan14b ] && echo 240 || echo 150)
   echo "== $case ${*:2}" >> $O/ours.log
-  timeout $limit python3 bench/arch_step.py $model --video $video --steps 3 "${@:2}" >> $O/ours.log 2>&1
-  grep '^{\|out of memory\|Error' $O/ours.log | tail -1
+  timeout $limit python3 bench/arch_step.py $model --video $video --steps 3 ${more//,/ } "${@:2}" >> $O/ours.log 2>&1
+  grep '^{\|^memory plan\|Error' $O/ours.log | tail -2
 done
