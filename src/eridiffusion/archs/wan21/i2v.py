@@ -197,7 +197,8 @@ def load_clip_vision_file(path: Path, dtype: torch.dtype, where: str) -> CLIPVis
     state = clip_vision_state(full)
     needed = ("embeddings.patch_embedding.weight", "embeddings.position_embedding.weight", "encoder.layers.0.mlp.fc1.weight")
     if not all(k in state for k in needed):
-        text = any(k.startswith(("text_model.", "token_embedding.", "encoder.block.", "shared.")) for k in full)
+        text = any(k.startswith(("text_model.", "token_embedding.", "embeddings.token_embedding.", "encoder.block.", "shared."))
+                   for k in full)
         raise ValueError(f"{where}: {path} holds {'a text encoder' if text else 'no CLIP vision model'} (keys such as "
                          f"{sorted(full)[:3]}); Wan I2V takes the CLIP vision encoder ViT-H/14, ComfyUI's "
                          "models/clip_vision/clip_vision_h.safetensors")
