@@ -3,7 +3,9 @@ WanImageToVideoPipeline builds from the clip's first frame (mask channels + VAE 
 zeros, CLIP vision's penultimate states); the CLI trains on clips with falling loss, caching the conditioning with the
 latents, and samples a clip from the prompt's --ctrl_img; the LoRA (the image layers included) is in ComfyUI's layout
 and WanImageToVideoPipeline.load_lora_weights applies every tensor with the trainer's outputs; an I2V single file in
-ComfyUI's layout loads with its config read from the tensors."""
+ComfyUI's layout loads with its config read from the tensors; the CLIP vision encoder loads from a file as ComfyUI
+keeps it (models/clip_vision/, or open_clip's layout) through model.model_paths.image_encoder, and a wrong file is named;
+datasets[].do_i2v is accepted here and refused by text-to-video and image architectures."""
 from __future__ import annotations
 
 import logging
@@ -80,7 +82,7 @@ def test_trains_on_clips_through_the_cli_and_samples_from_ctrl_img(tiny_i2v, tmp
                      train={"lr": 1e-2, "timestep_type": "linear", "batch_size": 1},
                      sample={"sample_every": 1000, "width": 48, "height": 32, "fps": 8,
                              "prompts": [f"a moving square --frames 5 --ctrl_img {start}"]})
-    cfg["config"]["process"][0]["datasets"][0].update(num_frames=9, resolution=[32])
+    cfg["config"]["process"][0]["datasets"][0].update(num_frames=9, resolution=[32], do_i2v=True)  # as without it
     assert cli.main([str(write_config(cfg))]) == 0
     run = tmp_path / "out" / "test_lora"
     losses = [r["loss"] for r in read_log(run)]
@@ -160,3 +162,105 @@ def test_i2v_single_file_loads_with_the_config_read_from_the_tensors(tiny_i2v, t
         load_t2v(tiny_wan21, name_or_path=str(path), extras_name_or_path=str(tiny_wan21))
     with pytest.raises(ValueError, match="text-to-video.*set model.arch: wan21"):  # and back
         load_arch(tiny_i2v, name_or_path=str(tiny_wan21))
+
+
+# ---- the image encoder from ComfyUI's models/clip_vision/ ---------------------------------------------------------------
+def clip_vision_file(folder, path, **extra):
+    """The folder's image encoder as ComfyUI's clip_vision_h.safetensors holds it: CLIPVisionModelWithProjection's
+    tensors as transformers 4 named them (`vision_model.` + CLIPVisionModel's names, and `visual_projection.weight`)."""
+    from transformers import CLIPVisionModel
+
+    encoder = CLIPVisionModel.from_pretrained(folder / "image_encoder", local_files_only=True)
+    width = encoder.config.hidden_size
+    state = {"vision_model." + k: v for k, v in encoder.state_dict().items()}
+    save_file({**state, "visual_projection.weight": torch.randn(8, width), **extra}, str(path))
+    return encoder
+
+
+def random_images(n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [Image.fromarray(torch.randint(0, 256, (40, 56, 3), generator=g, dtype=torch.uint8).numpy()) for _ in range(n)]
+
+
+def test_clip_vision_file_through_model_paths_gives_the_folders_embeddings(tiny_i2v, tiny_wan21, tmp_path):
+    from eridiffusion.archs.wan21.tiny import write_tiny_wan21_single_file
+
+    clip_vision = tmp_path / "clip_vision_h.safetensors"
+    clip_vision_file(tiny_i2v, clip_vision)
+    single = write_tiny_wan21_single_file(tiny_i2v, tmp_path / "wan2.1_i2v_480p_tiny.safetensors")
+    # ComfyUI's files: the I2V transformer alone, the rest from a text-to-video folder (no image_encoder/ there)
+    assert not (tiny_wan21 / "image_encoder").exists() and not (tiny_wan21 / "image_processor").exists()
+    model = dict(name_or_path=str(single), extras_name_or_path=str(tiny_wan21), model_paths={"image_encoder": str(clip_vision)})
+    arch, reference = load_arch(tiny_i2v, **model), load_arch(tiny_i2v)
+    processor = arch.pipe.image_processor  # CLIP's standard preprocessing (the Wan I2V repos') at the model's 32 px
+    assert list(processor.image_mean) == [0.48145466, 0.4578275, 0.40821073] and processor.resample == 3  # bicubic
+    keys = ("size", "crop_size", "do_center_crop", "image_mean", "image_std", "resample", "rescale_factor")
+    assert {k: getattr(processor, k) for k in keys} == {k: getattr(reference.pipe.image_processor, k) for k in keys}
+    images = random_images()
+    got = arch.pipe.encode_image(images, torch.device("cpu"))
+    expected = reference.pipe.encode_image(images, torch.device("cpu"))
+    assert got.shape == (2, 17, 16)
+    torch.testing.assert_close(got, expected)
+    # the latent cache's fingerprint follows the file
+    fingerprint = arch.latent_fingerprint
+    clip_vision_file(tiny_i2v, clip_vision, **{"vision_model.post_layernorm.weight": torch.zeros(16)})
+    assert load_arch(tiny_i2v, **model).latent_fingerprint != fingerprint
+
+
+def test_clip_vision_in_open_clip_layout_loads_the_same_model(tiny_i2v, tmp_path):
+    """open_clip's `visual.` names (q, k, v stacked in in_proj), which ComfyUI's loader also converts; the text tower and
+    the projection of a whole CLIP file are dropped."""
+    from transformers import CLIPVisionModel
+
+    from eridiffusion.archs.wan21.i2v import load_clip_vision_file
+
+    encoder = CLIPVisionModel.from_pretrained(tiny_i2v / "image_encoder", local_files_only=True)
+    sd = encoder.state_dict()
+    names = {"embeddings.class_embedding": "class_embedding", "embeddings.patch_embedding.weight": "conv1.weight",
+             "embeddings.position_embedding.weight": "positional_embedding", "pre_layrnorm.weight": "ln_pre.weight",
+             "pre_layrnorm.bias": "ln_pre.bias", "post_layernorm.weight": "ln_post.weight", "post_layernorm.bias": "ln_post.bias"}
+    state = {"visual." + v: sd[k] for k, v in names.items()}
+    for i in range(encoder.config.num_hidden_layers):
+        layer, block = f"encoder.layers.{i}.", f"visual.transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            state[block + f"attn.in_proj_{kind}"] = torch.cat([sd[layer + f"self_attn.{p}_proj.{kind}"] for p in "qkv"])
+            for ours, theirs in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                                 ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                state[block + f"{theirs}.{kind}"] = sd[layer + f"{ours}.{kind}"]
+    text_tower = {"token_embedding.weight": torch.randn(10, 16), "transformer.resblocks.0.ln_1.weight": torch.ones(16),
+                  "logit_scale": torch.tensor(1.0), "visual.proj": torch.randn(16, 8)}
+    path = tmp_path / "open_clip_pytorch_model.safetensors"
+    save_file({**state, **text_tower}, str(path))
+    loaded = load_clip_vision_file(path, torch.float32, "model.model_paths.image_encoder")
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = loaded(pixels, output_hidden_states=True).hidden_states[-2]
+        torch.testing.assert_close(got, encoder(pixels, output_hidden_states=True).hidden_states[-2])
+
+
+def test_a_wrong_image_encoder_file_is_named(tiny_i2v, tmp_path):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+
+    clip_l = tmp_path / "clip_l.safetensors"  # a text encoder, as ComfyUI's text_encoders/clip_l.safetensors
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=16))
+    save_file({"text_model." + k: v for k, v in text.state_dict().items()}, str(clip_l))
+    with pytest.raises(ValueError, match=r"model\.model_paths\.image_encoder: .*clip_l.safetensors holds a text encoder"):
+        load_arch(tiny_i2v, model_paths={"image_encoder": str(clip_l)})
+    narrow = tmp_path / "clip_vision_vit_l.safetensors"  # a vision tower of another width than the image embedder's
+    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=3,
+                                              num_attention_heads=16, image_size=32, patch_size=8))
+    save_file({"vision_model." + k: v for k, v in vision.state_dict().items()}, str(narrow))
+    with pytest.raises(ValueError, match=r"model\.model_paths\.image_encoder: .* holds a 3-layer CLIP vision model 32 "
+                                         r"wide .* takes 16-wide image states"):
+        load_arch(tiny_i2v, model_paths={"image_encoder": str(narrow)})
+
+
+@pytest.mark.parametrize("arch", ["wan21", "flux"])
+def test_do_i2v_is_refused_where_clips_are_not_conditioned_on_their_first_frame(arch, request, dataset, tmp_path,
+                                                                                write_config, capsys):
+    cfg = train_config(request.getfixturevalue(f"tiny_{arch}"), dataset, tmp_path / "out", arch=arch, steps=1)
+    cfg["config"]["process"][0]["datasets"][0]["do_i2v"] = True
+    assert cli.main([str(write_config(cfg))]) == 1
+    err = capsys.readouterr().err
+    assert f"datasets[0].do_i2v: {arch} does not condition on a clip's first frame (model.arch wan21_i2v does)" in err

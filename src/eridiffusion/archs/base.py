@@ -46,6 +46,9 @@ class Architecture(Protocol):
     # video architectures only: the frame counts the VAE takes, a*k + b as (a, b) (Wan: (4, 1)); their pixels are
     # [B, 3, F, H, W] (images F = 1, or [B, 3, H, W]) and their latents [B, C, f, h, w]. Image architectures lack it
     # frame_rule: tuple[int, int]
+    # image-to-video architectures only: True where every clip is conditioned on its first frame (datasets[].do_i2v is
+    # accepted there and refused elsewhere)
+    # first_frame_conditioned: bool
     # identify the VAE / text encoders so caches are invalidated when they change
     latent_fingerprint: str
     text_fingerprint: str

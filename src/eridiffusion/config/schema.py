@@ -218,6 +218,9 @@ class DatasetConfig(Section):
     # same-stem control images or clips, fitted exactly as their image or clip (video architectures for now)
     control_path: str | None = None
     control_transparent_color: list[int] = Field(default_factory=lambda: [0, 0, 0], min_length=3, max_length=3)
+    # ai-toolkit's "train this dataset image-to-video": only architectures that condition clips on their first frame
+    # accept true, and there it changes nothing (they condition every clip, as ai-toolkit's do)
+    do_i2v: bool = False
     limited = {"type": ("image",), "buckets": (True,)}
     renamed = {"dataset_path": "folder_path", "caption_type": "caption_ext"}
     unsupported = {
@@ -232,7 +235,7 @@ class DatasetConfig(Section):
         "clip_image_path": None, "clip_image_from_same_folder": False, "clip_image_augmentations": None,
         "clip_image_shuffle_augmentations": False, "replacements": [], "cache_latents_num_workers": None,
         "extra_values": [], "square_crop": False, "replay_transforms": True,
-        "debug": False, "fast_image_size": False, "do_i2v": False, "do_audio": False, "audio_preserve_pitch": False,
+        "debug": False, "fast_image_size": False, "do_audio": False, "audio_preserve_pitch": False,
         "audio_normalize": False, "guidance_type": "targeted", "diff_output_preservation": False,
         "diff_output_preservation_class": "",
     }

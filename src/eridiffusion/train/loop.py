@@ -20,7 +20,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..adapters import (LoraSpec, filter_names, inject_lora, load_lora_file_state, load_lora_state, lora_alphas,
                         lora_file_state, lora_scale, lora_state)
-from ..archs import get_arch_class
+from ..archs import ARCHS, get_arch_class
 from ..data import DataPipeline
 from ..sample import Previewer
 from . import checkpoint as ckpt
@@ -254,6 +254,11 @@ class Run:
         if unknown:  # a free-form section: keys no architecture reads must not pass silently
             raise ValueError(f"model.model_kwargs: {sorted(unknown)} not supported yet for {proc.model.arch_name} "
                              f"(known: {sorted(arch_cls.model_kwargs) or 'none'})")
+        for i, ds in enumerate(proc.datasets):
+            if ds.do_i2v and not getattr(arch_cls, "first_frame_conditioned", False):
+                i2v = [name for name in ARCHS if getattr(get_arch_class(name), "first_frame_conditioned", False)]
+                raise ValueError(f"datasets[{i}].do_i2v: {proc.model.arch_name} does not condition on a clip's first "
+                                 f"frame (model.arch {' / '.join(i2v)} does); remove the key or change model.arch")
         self.arch = arch_cls(proc, self.device, self.dtype)
         fused = {key: self._fused_lora(key) for key in ("lora_path", "assistant_lora_path") if getattr(proc.model, key)}
         self.assistant = fused.get("assistant_lora_path")

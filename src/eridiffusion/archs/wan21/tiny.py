@@ -27,7 +27,8 @@ def build_tiny_wan21(folder: str | Path, *, num_layers: int = 2, seed: int = 0, 
     split 4/4/4), UMT5 of width 32 with the tiny T5 tokenizer (UMT5's tokenizer class is T5's). The scheduler is
     the Wan 2.1 T2V diffusers repos' (UniPC over flow sigmas, flow_shift 3). With `i2v`: the image-to-video
     transformer (36 input channels, the image embedder and k_img/v_img) and a CLIPVisionModel of width 16 (32 px
-    images in 8 px patches: 17 tokens) with its CLIPImageProcessor, as WanImageToVideoPipeline.save_pretrained writes."""
+    images in 8 px patches: 17 tokens; 16 heads and gelu as ViT-H/14, which a clip_vision file is read as) with its
+    CLIPImageProcessor, as WanImageToVideoPipeline.save_pretrained writes."""
     from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5EncoderModel
 
@@ -48,8 +49,8 @@ def build_tiny_wan21(folder: str | Path, *, num_layers: int = 2, seed: int = 0, 
             **(dict(image_dim=16, added_kv_proj_dim=24) if i2v else {}))
         torch.manual_seed(seed)
         image = dict(image_encoder=CLIPVisionModel(CLIPVisionConfig(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-            patch_size=8)), image_processor=CLIPImageProcessor(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=16, image_size=32,
+            patch_size=8, hidden_act="gelu")), image_processor=CLIPImageProcessor(
             size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})) if i2v else {}
     scheduler = UniPCMultistepScheduler.from_config(known_configs()["wan2.1-t2v-1.3b"]["scheduler"])
     pipe = (WanImageToVideoPipeline if i2v else WanPipeline)(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
