@@ -46,6 +46,9 @@ class Architecture(Protocol):
     # video architectures only: the frame counts the VAE takes, a*k + b as (a, b) (Wan: (4, 1)); their pixels are
     # [B, 3, F, H, W] (images F = 1, or [B, 3, H, W]) and their latents [B, C, f, h, w]. Image architectures lack it
     # frame_rule: tuple[int, int]
+    # architectures that condition on each dataset's control_path files (paired by stem) set takes_control = True:
+    # encode_images then gets them as its second argument, in the layout of the pixels (cut the same way)
+    # takes_control: bool
     # identify the VAE / text encoders so caches are invalidated when they change
     latent_fingerprint: str
     text_fingerprint: str
@@ -64,8 +67,9 @@ class Architecture(Protocol):
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B,3,H,W] in [-1,1] -> latents [B,C,h,w] as the denoiser sees them (scaled/shifted). An architecture
-        that also conditions on the pixels themselves (Wan I2V: the first frame) may return a dict of named tensors,
-        batch first; it is cached and batched part by part and reaches training_loss as that dict."""
+        that also conditions on the pixels themselves (Wan I2V: the first frame) or on the controls (takes_control:
+        `encode_images(pixels, control)`) may return a dict of named tensors, batch first; it is cached and batched
+        part by part and reaches training_loss as that dict."""
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Text conditioning, every value with batch dim first. Cached to disk as-is."""
