@@ -151,8 +151,8 @@ def infer_config(shapes: Mapping[str, tuple], base: Mapping | None = None) -> di
     """WanTransformer3DModel's (WanVACETransformer3DModel's) config from original-layout tensor shapes: widths, depth,
     patch and channels. What no weight tells (head size, norm eps, rotary table length) comes from `base` (the
     components folder's transformer config), else from the releases' (every Wan 2.1 has 128-wide heads). A VACE
-    model's control blocks feed main blocks spaced evenly from block 0 (as ComfyUI's VaceWanModel assumes: every 2nd
-    of 30 in 1.3B, every 5th of 40 in 14B), unless `base` names the same number of them."""
+    model's control blocks feed main blocks spaced evenly from block 0, as in both releases (every 2nd of 30 in 1.3B,
+    every 5th of 40 in 14B) and as ComfyUI's VaceWanModel assumes: no tensor says which."""
     inner, in_channels, *patch = shapes["patch_embedding.weight"]
     defaults = known_configs()["wan2.1-t2v-1.3b"]["transformer"]
     base = dict(base or {})
@@ -173,19 +173,17 @@ def infer_config(shapes: Mapping[str, tuple], base: Mapping | None = None) -> di
         "added_kv_proj_dim": shapes["blocks.0.cross_attn.k_img.weight"][1]
         if "blocks.0.cross_attn.k_img.weight" in shapes else None,
         "pos_embed_seq_len": None,
-        **(_vace_config(shapes, base) if "vace_patch_embedding.weight" in shapes else {}),
+        **(_vace_config(shapes) if "vace_patch_embedding.weight" in shapes else {}),
     }
 
 
-def _vace_config(shapes: Mapping[str, tuple], base: Mapping) -> dict:
+def _vace_config(shapes: Mapping[str, tuple]) -> dict:
     layers = len({k.split(".")[1] for k in shapes if k.startswith("blocks.")})
     count = len({k.split(".")[1] for k in shapes if k.startswith("vace_blocks.")})
     if not count or layers % count:
-        raise ValueError(f"{count} VACE blocks do not divide the {layers} main blocks evenly: which blocks they feed is "
-                         "not in the file; give model.extras_name_or_path a VACE diffusers folder whose transformer "
-                         "config names vace_layers")
-    given = base.get("vace_layers")
-    return {"vace_layers": list(given) if given and len(given) == count else list(range(0, layers, layers // count)),
+        raise ValueError(f"{count} VACE control blocks do not divide the {layers} main blocks evenly, as in the released "
+                         "VACE models; which blocks they feed is not in the file: use the model's diffusers folder")
+    return {"vace_layers": list(range(0, layers, layers // count)),
             "vace_in_channels": shapes["vace_patch_embedding.weight"][1]}
 
 
