@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from eridiffusion import cli
 from eridiffusion.adapters import LoraSpec, inject_lora, load_lora_state
+from eridiffusion.adapters.inspect import inspect_file
 from eridiffusion.archs import SampleRequest
 from eridiffusion.archs.wan21 import formats
 from eridiffusion.archs.wan21.tiny import write_tiny_wan21_single_file
@@ -149,6 +150,8 @@ def test_lora_in_comfyui_layout_converts_to_what_the_vace_pipeline_applies(tiny_
     assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved)
     converted = load_file(out)
     assert "transformer.vace_blocks.0.proj_in.lora_A.weight" in converted
+    save_file(converted, str(tmp_path / "no_metadata.safetensors"))
+    assert inspect_file(tmp_path / "no_metadata.safetensors").architecture == "wan21_vace (from module names)"
 
     pipe = WanVACEPipeline.from_pretrained(tiny_vace, local_files_only=True)
     with caplog.at_level(logging.WARNING):
