@@ -229,3 +229,29 @@ def test_variants_refuse_each_others_models(tiny_vace, tiny_wan21, tmp_path):
     for source in (t2v_file, tiny_wan21):
         with pytest.raises(ValueError, match="text-to-video.*set model.arch: wan21 "):
             load_arch(tiny_vace, name_or_path=str(source), extras_name_or_path=str(tiny_vace))
+
+
+@pytest.mark.parametrize("base_kind", ["single_file", "folder"])
+def test_lora_merge_into_a_vace_base(base_kind, tiny_vace, tmp_path):
+    from diffusers import WanVACETransformer3DModel
+
+    g = torch.Generator().manual_seed(0)
+    lora = {}
+    for name, (out_f, in_f) in {"vace_blocks.0.before_proj": (24, 24), "vace_blocks.1.ffn.2": (24, 48),
+                                "blocks.1.self_attn.q": (24, 24)}.items():
+        lora[f"diffusion_model.{name}.lora_A.weight"] = torch.randn(4, in_f, generator=g)
+        lora[f"diffusion_model.{name}.lora_B.weight"] = torch.randn(out_f, 4, generator=g)
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    base = write_tiny_wan21_single_file(tiny_vace, tmp_path / "base.safetensors") if base_kind == "single_file" else tiny_vace
+    out = tmp_path / ("merged.safetensors" if base_kind == "single_file" else "merged")
+    assert cli.main(["lora", "merge", "--base", str(base), "--lora", str(tmp_path / "lora.safetensors"), "-o", str(out),
+                     "--arch", "wan21_vace"]) == 0
+    read = lambda folder: formats.diffusers_to_original(
+        WanVACETransformer3DModel.from_pretrained(folder, subfolder="transformer", local_files_only=True).state_dict())
+    before, after = read(tiny_vace), load_file(out) if base_kind == "single_file" else read(out)
+    assert after.keys() == before.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"vace_blocks.0.before_proj.weight", "vace_blocks.1.ffn.2.weight", "blocks.1.self_attn.q.weight"}
+    delta = lora["diffusion_model.vace_blocks.0.before_proj.lora_B.weight"] @ lora["diffusion_model.vace_blocks.0.before_proj.lora_A.weight"]
+    torch.testing.assert_close(after["vace_blocks.0.before_proj.weight"], before["vace_blocks.0.before_proj.weight"] + delta,
+                               atol=1e-5, rtol=1e-5)
