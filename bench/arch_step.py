@@ -1,4 +1,4 @@
-"""Issue 11's GPU figures: our LoRA step on full-size SD 3.5 Large, Chroma or HiDream-I1 (random weights, 1024²,
+"""Issues 11 and 12: our LoRA step on full-size SD 3.5 Large, Chroma, HiDream-I1 (random weights, 1024²,
 bs 1, rank 16, cached latents and text embeddings) with the memory plan a 24 GB card would get (`train.memory:
 auto`'s make_plan over the model's size and a 24 GiB budget), inside that cap, through the run's own code (the
 architecture's training_loss, FrozenBase, BlockSwap, checkpointing, regional compile, Stepper). LoRA on the same
@@ -6,6 +6,7 @@ Linear names as ../shared/bench/reference_step.py (its sd35l_bs1_ckpt and hidrea
 lacks, on flux_bs1_ckpt's names, to set beside that case): run both in one device call and compare ratios.
 
   PYTHONPATH=src python3 bench/arch_step.py {sd3|chroma|hidream} [--cap GIB] [--storage float8|none] [--swap K]
+  PYTHONPATH=src python3 bench/arch_step.py {wan13b|wan14b} [--video 832x480x81] [--offload on|off] [--sdpa cudnn]
   PYTHONPATH=src python3 bench/arch_step.py hidream --small    # the same classes a few widths wide, on the CPU
 
 `--storage` / `--swap` override the plan's choice. Prints one JSON line: s/step (mean of 8 after 4 warm-up steps),
@@ -41,13 +42,16 @@ TARGETS = {
     "chroma": ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out", "ff.net.0.proj",
                "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"],
     "hidream": ["to_q", "to_k", "to_v", "to_out", "to_q_t", "to_k_t", "to_v_t", "to_out_t"],
+    "wan13b": ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"],  # attn1, attn2, ffn
+    "wan14b": ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"],
 }
+ARCH = {"wan13b": "wan21", "wan14b": "wan21"}  # bench case -> model.arch
 
 
 def model_and_text(arch: str, small: bool, dev, r):
     """The denoiser's class and config (reference_step.py's full-size ones; Chroma1-HD's is diffusers' default),
     and one prompt's cached embeddings in the architecture's own format."""
-    from diffusers import ChromaTransformer2DModel, HiDreamImageTransformer2DModel, SD3Transformer2DModel
+    from diffusers import ChromaTransformer2DModel, HiDreamImageTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel
 
     if arch == "sd3":
         cfg = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
@@ -67,6 +71,16 @@ def model_and_text(arch: str, small: bool, dev, r):
         text = lambda: {"prompt_embeds": r(1, tokens, cfg.get("joint_attention_dim", 4096)),
                         "attention_mask": torch.ones(1, tokens, dtype=torch.bool, device=dev)}
         return ChromaTransformer2DModel, cfg, text
+    if arch.startswith("wan"):  # reference_step.py's WAN14B / WAN13B (the Wan2.1-T2V repos' configs)
+        cfg = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+                   text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+                   qk_norm="rms_norm_across_heads", eps=1e-6)
+        if arch == "wan13b":
+            cfg.update(num_attention_heads=12, ffn_dim=8960, num_layers=30)
+        if small:
+            cfg.update(num_attention_heads=2, attention_head_dim=8, text_dim=32, freq_dim=16, ffn_dim=32, num_layers=2)
+        text = lambda: {"prompt_embeds": r(1, 8 if small else 512, cfg["text_dim"])}
+        return WanTransformer3DModel, cfg, text
     cfg = dict(patch_size=2, in_channels=16, out_channels=16, num_layers=16, num_single_layers=32, attention_head_dim=128,
                num_attention_heads=20, caption_channels=[4096, 4096], text_emb_dim=2048, num_routed_experts=4,
                num_activated_experts=2, axes_dims_rope=(64, 32, 32), max_resolution=(128, 128),
@@ -87,8 +101,21 @@ def main():
     ap.add_argument("--cap", type=float, default=24.0, help="GiB the process may use (a 24 GB card: 24)")
     ap.add_argument("--storage", choices=["float8", "nf4", "none"], help="override the plan's base storage")
     ap.add_argument("--swap", type=int, help="override the plan's swapped block count")
+    ap.add_argument("--offload", choices=["on", "off"], help="override the plan's checkpointed-input offloading")
+    ap.add_argument("--video", default="832x480x81", help="video cases: WIDTHxHEIGHTxFRAMES")
+    ap.add_argument("--sdpa", choices=["default", "cudnn"], default="default", help="cudnn: prefer cuDNN attention")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps (after 4 warm-up steps; 2 for video)")
+    ap.add_argument("--fp8mm", action="store_true", help="float8 base with fp8 matmuls (model.float8_matmul)")
     ap.add_argument("--small", action="store_true")
     args = ap.parse_args()
+    video = args.arch.startswith("wan")
+    if video:
+        w, h, f = (int(v) for v in args.video.split("x"))
+        latent = (1 + (f - 1) // 4, h // 8, w // 8) if not args.small else (3, 8, 8)
+        tokens = latent[0] * latent[1] * latent[2] // 4 + 512  # 1x2x2 patches + the text
+    else:
+        side = 16 if args.small else 128
+        tokens = 1024**2 // 256 + 512
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     g = torch.Generator(dev).manual_seed(0)
@@ -96,9 +123,9 @@ def main():
     cls_, cfg, text = model_and_text(args.arch, args.small, dev, r)
     config = {"job": "extension", "config": {"name": "bench", "process": [{
         "type": "sd_trainer", "device": str(dev), "network": {"type": "lora", "linear": 16, "linear_alpha": 16},
-        "datasets": [{"folder_path": "unused"}], "model": {"name_or_path": "unused", "arch": args.arch},
+        "datasets": [{"folder_path": "unused"}], "model": {"name_or_path": "unused", "arch": ARCH.get(args.arch, args.arch)},
         "train": {"batch_size": 1, "lr": 1e-4, "optimizer": "adamw", "dtype": "bf16", "gradient_checkpointing": True}}]}}
-    arch = get_arch_class(args.arch)(parse_config(config).config.process[0], dev, torch.bfloat16)
+    arch = get_arch_class(ARCH.get(args.arch, args.arch))(parse_config(config).config.process[0], dev, torch.bfloat16)
     exclude = list(arch.quantize_exclude)
 
     # the plan, as train.memory: auto makes it from the meta-device skeleton and the usable memory under the cap
@@ -113,11 +140,13 @@ def main():
         torch.cuda.set_per_process_memory_fraction(1.0)  # built in bf16 first, then quantized in place
     else:
         budget = args.cap * 2**30
-    plan = make_plan(size, budget=budget, tokens=1024**2 // 256 + 512, batch=1, lora_bytes=lora_state_bytes(size, 16),
-                     keep_whole=getattr(arch, "plan_whole_blocks", True))
+    plan = make_plan(size, budget=budget, tokens=tokens, batch=1, lora_bytes=lora_state_bytes(size, 16),
+                     keep_whole=getattr(arch, "plan_whole_blocks", True), fp8_matmul=args.fp8mm)
     storage = plan.storage if args.storage is None else (None if args.storage == "none" else args.storage)
     swap = plan.swap_blocks if args.swap is None else args.swap
-    base = FrozenBase(dev, torch.bfloat16, quantizer=Quantizer(storage, exclude), swap_blocks=swap)
+    offload = plan.offload_activations if args.offload is None else args.offload == "on"
+    base = FrozenBase(dev, torch.bfloat16, quantizer=Quantizer(storage, exclude), swap_blocks=swap,
+                      float8_matmul=args.fp8mm and storage == "float8")
 
     torch.set_default_dtype(torch.bfloat16)
     with dev:
@@ -125,7 +154,7 @@ def main():
     torch.set_default_dtype(torch.float32)
     finish_loaded(model, base, arch.block_lists)  # quantized in place, swapped blocks to host memory
     arch.base = base
-    if args.arch == "hidream":  # (its load() builds the pipeline; these are what training reads)
+    if args.arch == "hidream" or video:  # (their load() builds the pipeline; these are what training reads)
         arch.transformer = arch.denoiser = model
         arch.shift, arch.vae_scale_factor = FlowShift(shift=3.0), 8
     else:
@@ -142,8 +171,8 @@ def main():
     for p in params:
         p.data = p.data.to(dev)
     block_modules = [b for n in arch.block_lists for b in getattr(model, n)]
-    if plan.checkpointing or swap:  # block swap needs checkpointing
-        enable_checkpointing(model, block_modules[:plan.whole_blocks if swap == plan.swap_blocks else 0])
+    if plan.checkpointing or swap or offload:  # block swap and offloading need checkpointing
+        enable_checkpointing(model, block_modules[:plan.whole_blocks if swap == plan.swap_blocks else 0], offload=offload)
     if swap:
         from eridiffusion.train.offload import BlockSwap
 
@@ -154,20 +183,30 @@ def main():
     opt = build_optimizer("adamw", params, 1e-4, {})
     stepper = Stepper(arch, params, opt, build_scheduler("constant", opt, {}, 100), dtype=torch.bfloat16,
                       max_grad_norm=1.0, generator=torch.Generator(dev).manual_seed(0))
-    side = 16 if args.small else 128
-    batch = Batch(pixels=None, latents=r(1, 16, side, side), captions=[""], text=text(), original_sizes=[(1024, 1024)],
+    batch = Batch(pixels=None, latents=r(1, 16, *latent) if video else r(1, 16, side, side), captions=[""], text=text(), original_sizes=[(1024, 1024)],
                   crop_top_lefts=[(0, 0)], target_sizes=[(1024, 1024)], paths=[], loss_weights=torch.ones(1))
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
+    if args.sdpa == "cudnn":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        attention = lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION])
+    else:
+        import contextlib
+
+        attention = contextlib.nullcontext
+
     def timed():
-        losses = [float(stepper.step([batch])) for _ in range(4)]
-        sync()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        t = time.perf_counter()
-        for _ in range(8):
-            stepper.step([batch])
-        sync()
+        with attention():
+            losses = [float(stepper.step([batch])) for _ in range(2 if video else 4)]
+            sync()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                stepper.step([batch])
+            sync()
         return losses, time.perf_counter() - t
 
     fallback = None
@@ -180,8 +219,10 @@ def main():
         torch.cuda.empty_cache()
         enable_checkpointing(model)
         losses, seconds = timed()
-    key = f"{args.arch}_bs1_cap{args.cap:g}" + (f"_{args.storage}" if args.storage else "") + (f"_swap{args.swap}" if args.swap is not None else "")
-    result = {key: {"step_s": round(seconds / 8, 4), "fallback": fallback,
+    key = f"{args.arch}_{args.video if video else 'bs1'}_cap{args.cap:g}" + (f"_{args.storage}" if args.storage else "") + \
+        (f"_swap{args.swap}" if args.swap is not None else "") + (f"_offload{args.offload}" if args.offload else "") + \
+        ("_cudnn" if args.sdpa == "cudnn" else "") + ("_fp8mm" if args.fp8mm else "")
+    result = {key: {"step_s": round(seconds / args.steps, 4), "fallback": fallback, "offload": offload, "tokens": tokens,
                     "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                     "n_lora": sum(p.numel() for p in params), "lora_layers": len(names), "warmup_losses": [round(x, 4) for x in losses],
                     "plan": plan.line(), "storage": storage, "swap": swap, "blocks": len(blocks)}}

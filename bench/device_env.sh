@@ -1,5 +1,5 @@
 # Sourced by bench/gpu_*.sh on the device machine. Before the device call, here: the wheels in .whl/ (diffusers,
-# torchao, pydantic and its parts; see the device tool notes) and `cp ../shared/bench/reference_step.py .whl/`
+# torchao, pydantic and its parts, av for the video archs; see the device tool notes) and `cp ../shared/bench/reference_step.py .whl/`
 # (only the repo travels); carry .whl. Installs them, sets the environment, says which GPU, and defines
 # `ours SECONDS ARGS...`: one bench/lora_step.py run, its log appended to $O/ours.log, its result line printed.
 set -uo pipefail

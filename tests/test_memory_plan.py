@@ -93,21 +93,44 @@ SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, block_out_chann
                  addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
 
 
-def test_blocks_kept_whole_give_the_same_gradients(tiny_flux):
-    """Checkpointing all blocks or all but the first: the same LoRA gradients, bit for bit."""
+def test_wan14b_long_clip_plan_keeps_block_inputs_in_host_memory():
+    """Wan 2.1 14B at 832x480x81 (21 x 30 x 52 latent patches + 512 text tokens): its 40 checkpointed block inputs
+    alone are 13 GiB, so on a 24 GB card no storage or swap count fits until the inputs wait in host memory; at
+    480x272x41 block swap alone fits."""
+    from diffusers import WanTransformer3DModel
+
+    from eridiffusion.archs.wan21 import Wan21
+    from eridiffusion.archs.wan21.formats import known_configs
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel.from_config(known_configs()["wan2.1-t2v-14b"]["transformer"])
+    size = ModelSize.of(model, block_units(model, Wan21.block_lists), Wan21.quantize_exclude)
+    args = dict(budget=22.5 * GIB, batch=1, lora_bytes=lora_state_bytes(size, 16))
+    long = make_plan(size, tokens=21 * 30 * 52 + 512, **args)
+    assert long.offload_activations and long.storage == "float8" and long.checkpointing
+    assert long.expected_peak <= 22.5 * GIB and "host memory" in long.line()
+    assert estimate(size, "float8", len(size.blocks), True, tokens=21 * 30 * 52 + 512, **args).expected_peak > 22.5 * GIB
+    short = make_plan(size, tokens=11 * 17 * 30 + 512, **args)
+    assert not short.offload_activations and short.storage == "float8" and short.expected_peak <= 22.5 * GIB
+
+
+@pytest.mark.parametrize("whole,offload", [(1, False), (0, True)])
+def test_blocks_kept_whole_or_offloaded_give_the_same_gradients(tiny_flux, whole, offload):
+    """Checkpointing all blocks, all but the first, or all with their inputs in host memory: the same LoRA gradients,
+    bit for bit."""
     from eridiffusion.adapters import LoraSpec, inject_lora
     from eridiffusion.train.memory import enable_checkpointing
 
     from .test_quant import inputs
 
     grads = []
-    for whole in (0, 1):
+    for whole, offload in ((0, False), (whole, offload)):
         model = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer", local_files_only=True).train()
         params = inject_lora(model, [n for n, m in model.named_modules() if n.endswith("attn.to_q")], LoraSpec(rank=4, alpha=4), seed=0)
         for p in params:  # B starts at zero: give the LoRA something to pass on
             torch.nn.init.normal_(p.data, std=0.1, generator=torch.Generator().manual_seed(p.numel()))
         blocks = [model.get_submodule(b) for b in block_units(model, Flux.block_lists)]
-        enable_checkpointing(model, whole=blocks[:whole])
+        enable_checkpointing(model, whole=blocks[:whole], offload=offload)
         runs = {0: 0, -1: 0}  # a checkpointed block runs twice (forward, recompute), a whole one once
         for i in runs:
             blocks[i].register_forward_pre_hook(lambda m, a, i=i: runs.__setitem__(i, runs[i] + 1))
@@ -140,8 +163,10 @@ def test_block_swap_run_matches_an_unswapped_run(tiny_flux, dataset, tmp_path, w
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_block_swap_without_checkpointing_is_a_clear_error(tiny_flux, dataset, tmp_path, write_config, capsys):
-    cfg = train_config(tiny_flux, dataset, tmp_path / "o", model={"swap_blocks": 1}, train={"gradient_checkpointing": False})
+@pytest.mark.parametrize("key", [{"model": {"swap_blocks": 1}}, {"train": {"gradient_checkpointing_cpu_offload": True}}])
+def test_block_swap_or_offload_without_checkpointing_is_a_clear_error(tiny_flux, dataset, tmp_path, write_config, capsys, key):
+    cfg = train_config(tiny_flux, dataset, tmp_path / "o", model=key.get("model", {}),
+                       train={"gradient_checkpointing": False, **key.get("train", {})})
     assert cli.main([str(write_config(cfg))]) == 1
     assert "gradient_checkpointing: true" in capsys.readouterr().err
 

@@ -293,6 +293,9 @@ class TrainConfig(Section):
     max_denoising_steps: int = Field(999, ge=0)
     num_train_timesteps: int = Field(1000, ge=1)
     gradient_checkpointing: bool = True
+    # EriDiffusion's (musubi-tuner's name): the inputs checkpointed blocks keep for their recompute wait in host
+    # memory until backward (long video clips, whose saved inputs alone outgrow a 24 GB card)
+    gradient_checkpointing_cpu_offload: bool = False
     gradient_accumulation: int = Field(1, ge=1)  # effective value, after merging the legacy key
     gradient_accumulation_steps: int = 1  # legacy spelling
     max_grad_norm: float = Field(1.0, ge=0)

@@ -325,8 +325,13 @@ class Run:
         for p in self.params:  # LoRA of blocks kept in host memory (block swap) still trains on the device
             p.data = p.data.to(self.device)
         checkpointing = self.memory_plan.checkpointing if self.memory_plan else tc.gradient_checkpointing
+        if tc.gradient_checkpointing_cpu_offload and not tc.gradient_checkpointing:
+            raise ValueError("train.gradient_checkpointing_cpu_offload keeps checkpointed blocks' inputs in host memory: "
+                             "it needs train.gradient_checkpointing: true")
         if checkpointing:
-            enable_checkpointing(self.arch.denoiser, whole=blocks[:self.memory_plan.whole_blocks if self.memory_plan else 0])
+            plan = self.memory_plan
+            enable_checkpointing(self.arch.denoiser, whole=blocks[:plan.whole_blocks if plan else 0],
+                                 offload=plan.offload_activations if plan else tc.gradient_checkpointing_cpu_offload)
         self.block_swap = None
         if self.base.swap_blocks:
             from .offload import BlockSwap
@@ -455,7 +460,8 @@ class Run:
             plan = make_plan(size, **kw, fp8_matmul=base.float8_matmul, keep_whole=getattr(self.arch, "plan_whole_blocks", True),
                              **({"candidates": ((None, False, False), (None, True, False))} if self.full else {}))
         else:
-            plan = estimate(size, base.quantizer.storage, swap, proc.train.gradient_checkpointing, **kw)
+            plan = estimate(size, base.quantizer.storage, swap, proc.train.gradient_checkpointing,
+                            offload=proc.train.gradient_checkpointing_cpu_offload, **kw)
         base.quantizer.storage, base.swap_blocks = plan.storage, plan.swap_blocks
         self.memory_plan, self.model_size, self.plan_inputs = plan, size, kw
         props = torch.cuda.get_device_properties(self.device)
@@ -582,6 +588,7 @@ class Run:
         plan = make_plan(self.model_size, **kw)
         keys = [f"model.quantize: {bool(plan.storage)}"] + ([f"model.qtype: {plan.storage}"] if plan.storage else [])
         keys += [f"model.swap_blocks: {plan.swap_blocks}", f"train.gradient_checkpointing: {str(plan.checkpointing).lower()}"]
+        keys += ["train.gradient_checkpointing_cpu_offload: true"] if plan.offload_activations else []
         return f"A plan that should fit: {', '.join(keys)} (or set train.memory: auto). "
 
     @contextlib.contextmanager

@@ -20,11 +20,15 @@ SAVED_PER_BLOCK, WORKING_SET, UNCHECKPOINTED_PER_BLOCK = 1.0, 24.0, 21.0
 # Calibrated on SDXL's UNet at 1024² (H200: 6.18 / 11.62 GiB peaks = 4.8 weights + 0.6 LoRA/AdamW + activations).
 WHOLE_MODEL_CHECKPOINTED, WHOLE_MODEL_UNCHECKPOINTED = 70.0, 560.0
 RESERVE = 1.5 * 2**30  # CUDA context, cuBLAS workspaces, allocator fragmentation
-# (storage, checkpointing, may swap), fastest first as measured on that model: exact weights without and with
-# checkpointing, then float8 (compiled it is faster than bf16, output error 0.02), float8 with block swap
-# (+5 %), and nf4 (half float8's bytes, slower, error 0.05) with swap last. int8 is never faster than float8.
-CANDIDATES = ((None, False, False), (None, True, False), ("float8", False, False), ("float8", True, False),
-              ("float8", True, True), ("nf4", True, False), ("nf4", True, True))
+# (storage, checkpointing, may swap, offload activations), fastest first as measured on that model: exact weights
+# without and with checkpointing, then float8 (compiled it is faster than bf16, output error 0.02), float8 with
+# block swap (+5 %), float8 with the checkpointed blocks' inputs in host memory (long video clips, whose saved
+# inputs alone outgrow the card), and nf4 (half float8's bytes, slower, error 0.05) last. int8 is never faster
+# than float8.
+CANDIDATES = ((None, False, False, False), (None, True, False, False), ("float8", False, False, False),
+              ("float8", True, False, False), ("float8", True, True, False), ("float8", True, True, True),
+              ("nf4", True, False, False), ("nf4", True, True, False), ("nf4", True, True, True))
+OFFLOAD_IN_FLIGHT = 2  # offloaded block inputs on the GPU at a time: one being copied out or back, one in use
 
 
 @dataclass
@@ -37,12 +41,14 @@ class Plan:
     weights: float
     activations: float
     whole_blocks: int = 0  # with checkpointing: the first blocks keep their activations (no recompute)
+    offload_activations: bool = False  # the checkpointed blocks' inputs wait in host memory for backward
     notes: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         swap = f"{self.swap_blocks} blocks swapped" if self.swap_blocks else "no block swap"
         fits = "" if self.expected_peak <= self.budget else " (does NOT fit: expect out-of-memory)"
         whole = f" but for the first {self.whole_blocks} blocks" if self.whole_blocks else ""
+        whole += " (block inputs in host memory)" if self.offload_activations else ""
         return (f"memory plan: base {self.storage or 'unquantized'}, {swap}, checkpointing "
                 f"{'on' + whole if self.checkpointing else 'off'}; expected peak {gib(self.expected_peak)} of "
                 f"{gib(self.budget)} usable{fits}" + "".join(f"; {n}" for n in self.notes))
@@ -82,15 +88,17 @@ class ModelSize:
 
 
 def estimate(size: ModelSize, storage: str | None, swap: int, checkpointing: bool, *, budget: float, tokens: int,
-             batch: int, lora_bytes: float, whole: int = 0, fp8_matmul: bool = False) -> Plan:
+             batch: int, lora_bytes: float, whole: int = 0, fp8_matmul: bool = False, offload: bool = False) -> Plan:
     """The expected peak of one training step with these settings (`whole`: checkpointed but for the first
-    `whole` blocks)."""
+    `whole` blocks; `offload`: the checkpointed blocks' inputs kept in host memory)."""
     act_unit = tokens * batch * size.width * 2.0
     n = len(size.blocks)
+    offload = offload and checkpointing and n > 0
     if not n:
         acts = act_unit * (WHOLE_MODEL_CHECKPOINTED if checkpointing else WHOLE_MODEL_UNCHECKPOINTED)
     elif checkpointing:
-        acts = act_unit * (SAVED_PER_BLOCK * (n - whole) + UNCHECKPOINTED_PER_BLOCK * whole + WORKING_SET)
+        saved = min(OFFLOAD_IN_FLIGHT, n - whole) if offload else n - whole
+        acts = act_unit * (SAVED_PER_BLOCK * saved + UNCHECKPOINTED_PER_BLOCK * whole + WORKING_SET)
     else:
         acts = act_unit * (UNCHECKPOINTED_PER_BLOCK * n + WORKING_SET)
     units = set(size.unit_linear) | set(size.unit_other)
@@ -100,7 +108,7 @@ def estimate(size: ModelSize, storage: str | None, swap: int, checkpointing: boo
     if storage and not fp8_matmul and checkpointing:
         # a block kept whole saves its dequantized weights for backward; fp8 matmuls save the stored ones
         acts += sum(size.unit_bytes(b, None) for b in size.blocks[:whole])
-    return Plan(storage, swap, checkpointing, weights + lora_bytes + acts + RESERVE, budget, weights, acts, whole)
+    return Plan(storage, swap, checkpointing, weights + lora_bytes + acts + RESERVE, budget, weights, acts, whole, offload)
 
 
 def make_plan(size: ModelSize, *, budget: float, tokens: int, batch: int, lora_bytes: float,
@@ -110,12 +118,15 @@ def make_plan(size: ModelSize, *, budget: float, tokens: int, batch: int, lora_b
     unless `keep_whole` is false (an architecture whose unrecomputed blocks the estimate is not calibrated for)."""
     kw = dict(budget=budget, tokens=tokens, batch=batch, lora_bytes=lora_bytes, fp8_matmul=fp8_matmul)
     tried = []
-    for storage, ckpt, may_swap in candidates:
-        for swap in range(1 if may_swap else 0, len(size.blocks) + 1 if may_swap else 1):
-            plan = estimate(size, storage, swap, ckpt, **kw)
+    for storage, ckpt, may_swap, *offload in candidates:
+        offload = bool(offload and offload[0]) and bool(size.blocks)
+        if offload and not ckpt:
+            continue
+        for swap in range(1 if may_swap and not offload else 0, len(size.blocks) + 1 if may_swap else 1):
+            plan = estimate(size, storage, swap, ckpt, offload=offload, **kw)
             if plan.expected_peak <= budget:
                 while keep_whole and ckpt and not swap and plan.whole_blocks < len(size.blocks):
-                    wider = estimate(size, storage, 0, True, whole=plan.whole_blocks + 1, **kw)
+                    wider = estimate(size, storage, 0, True, whole=plan.whole_blocks + 1, offload=offload, **kw)
                     if wider.expected_peak > budget:
                         break
                     plan = wider
@@ -152,14 +163,20 @@ def frozen_base(proc, arch_cls, device: torch.device, dtype: torch.dtype, fuse=N
                       fuse=fuse, quantize_on_cpu=m.low_vram or device.type == "cpu", float8_matmul=m.float8_matmul)
 
 
-def enable_checkpointing(model: torch.nn.Module, whole=()) -> None:
+def enable_checkpointing(model: torch.nn.Module, whole=(), offload: bool = False) -> None:
     """diffusers' gradient checkpointing of every block, but for the blocks in `whole`: those keep their
-    activations (more memory, no recompute), as many as the memory plan finds room for."""
+    activations (more memory, no recompute), as many as the memory plan finds room for. With `offload` the
+    inputs a checkpointed block keeps for its recompute wait in pinned host memory until backward: torch's
+    save_on_cpu packs exactly those, as checkpoint saves its inputs outside its own saved-tensor hooks."""
     whole = {id(b) for b in whole}
+    pinned = torch.cuda.is_available()
 
     def run(block, *args):
         if id(block) in whole:
             return block(*args)
+        if offload:
+            with torch.autograd.graph.save_on_cpu(pin_memory=pinned):
+                return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
         return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
 
     model.enable_gradient_checkpointing(run)

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Issue 12's figures (kind nvidia-h200): `bash bench/gpu_wan.sh ref` runs the reference step (reference_step.py's
+# wan13b_480p81_ckpt wan14b_480p81_ckpt); `bash bench/gpu_wan.sh "wan14b:832x480x81 wan13b:480x272x41" [ARGS]` runs
+# ours (bench/arch_step.py) for those cases, each with the memory plan of a 24 GiB card inside that cap (ARGS go to
+# every run). Set-up: bench/device_env.sh.
+. bench/device_env.sh
+if [ "$1" = ref ]; then
+  timeout 330 python3 .whl/reference_step.py wan13b_480p81_ckpt wan14b_480p81_ckpt > $O/ref.log 2>&1; grep '^wan' $O/ref.log
+  exit
+fi
+for case in $1; do
+  model=${case%%:*}; video=${case#*:}
+  limit=$([ $model = wan14b ] && echo 240 || echo 150)
+  echo "== $case ${*:2}" >> $O/ours.log
+  timeout $limit python3 bench/arch_step.py $model --video $video --steps 3 "${@:2}" >> $O/ours.log 2>&1
+  grep '^{\|out of memory\|Error' $O/ours.log | tail -1
+done
