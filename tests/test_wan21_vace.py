@@ -252,6 +252,6 @@ def test_lora_merge_into_a_vace_base(base_kind, tiny_vace, tmp_path):
     assert after.keys() == before.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"vace_blocks.0.before_proj.weight", "vace_blocks.1.ffn.2.weight", "blocks.1.self_attn.q.weight"}
-    delta = lora["diffusion_model.vace_blocks.0.before_proj.lora_B.weight"] @ lora["diffusion_model.vace_blocks.0.before_proj.lora_A.weight"]
-    torch.testing.assert_close(after["vace_blocks.0.before_proj.weight"], before["vace_blocks.0.before_proj.weight"] + delta,
-                               atol=1e-5, rtol=1e-5)
+    name = "vace_blocks.0.before_proj"
+    delta = lora[f"diffusion_model.{name}.lora_B.weight"] @ lora[f"diffusion_model.{name}.lora_A.weight"]
+    torch.testing.assert_close(after[f"{name}.weight"], before[f"{name}.weight"] + delta, atol=1e-5, rtol=1e-5)

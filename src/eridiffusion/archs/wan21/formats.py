@@ -9,7 +9,8 @@ need no entry. VACE's control blocks (`vace_blocks.N`) are the same blocks with 
 only) and an output projection (`after_proj`), fed by `vace_patch_embedding`.
 
 LoRA files: `diffusion_model.<original name>` (`blocks.0.self_attn.q.lora_A.weight`), the only layout ComfyUI's Wan
-models apply (diffusers names load 0 tensors there); diffusers' WanPipeline.load_lora_weights converts it itself.
+models apply (diffusers names load 0 tensors there); diffusers' WanPipeline.load_lora_weights converts it itself,
+except VACE's control blocks (its converter raises on `vace_blocks`): `trainer lora convert --to diffusers` for those.
 A LoRA's alpha/rank is folded into lora_B (both loaders then use scale 1, as trained); LoHa/LoKr keep `.alpha`."""
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ import torch
 from diffusers import WanVACEPipeline
 from PIL import Image
 
+from ...data.video import VIDEO_EXTS, probe_clip, read_frames
 from ..base import SampleRequest
 from . import Wan21
 from .formats import VACE_BLOCK_LISTS
@@ -76,8 +77,6 @@ class Wan21VACE(Wan21):
     def sample_inputs(self, request: SampleRequest) -> dict:
         """The control video from ctrl_img at the sample's size: an image repeated over the frames, or a clip's first
         num_frames frames."""
-        from ...data.video import VIDEO_EXTS, probe_clip, read_frames
-
         if not request.ctrl_img:
             raise ValueError("sample.samples[].ctrl_img: Wan VACE samples follow a control video; give each sample "
                              "prompt a ctrl_img, an image or a clip (or --ctrl_img PATH in the prompt)")
