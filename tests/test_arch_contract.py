@@ -40,7 +40,7 @@ def loss_and_grads(arch, params, checkpointing: bool):
         arch.denoiser.disable_gradient_checkpointing()
     d = arch.bucket_divisibility
     pixels = torch.rand(2, 3, 2 * d, 3 * d, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    latents = arch.encode_images(pixels)
+    latents = arch.encode_images(*controlled(arch, pixels))
     text = arch.encode_prompts(["a red circle", "a green square"])
     batch = Batch(pixels=pixels, latents=latents, captions=["a red circle", "a green square"], text=text,
                   original_sizes=[tuple(pixels.shape[2:])] * 2, crop_top_lefts=[(0, 0)] * 2,
@@ -48,6 +48,11 @@ def loss_and_grads(arch, params, checkpointing: bool):
     loss = arch.training_loss(latents, text, batch, torch.Generator().manual_seed(1)).mean()
     grads = torch.autograd.grad(loss, params)
     return loss.detach(), grads
+
+
+def controlled(arch, pixels: torch.Tensor) -> list[torch.Tensor]:
+    """encode_images' arguments: the pixels, and for an architecture that takes controls a control of their layout."""
+    return [pixels, pixels.flip(-1)] if getattr(arch, "takes_control", False) else [pixels]
 
 
 def test_loss_and_gradients(arch):
@@ -83,7 +88,7 @@ def test_preview_has_the_asked_size(arch, tmp_path):
     d = arch.bucket_divisibility
     arch.denoiser.eval()
     ctrl_img = None
-    if getattr(arch, "takes_ctrl_img", False):  # image-to-video: the sample's start image
+    if getattr(arch, "takes_ctrl_img", False):  # image-to-video's start image, a control model's control image
         from PIL import Image
 
         Image.new("RGB", (5 * d, 2 * d), (200, 40, 40)).save(ctrl_img := tmp_path / "start.png")

@@ -16,8 +16,9 @@ def test_there_are_examples():
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_validates(path):
     proc = load_config(str(path)).config.process[0]
-    assert proc.model.arch_name in ("flux", "sdxl", "chroma", "hidream", "wan21") and proc.network.linear == 16 and proc.train.dtype == "bf16"
-    assert proc.datasets[0].resolution == ([1024] if proc.model.arch_name == "sdxl" else [512, 768, 1024])
+    assert proc.model.arch_name in ("flux", "sdxl", "chroma", "hidream", "wan21", "wan21_vace") and proc.network.linear == 16 and proc.train.dtype == "bf16"
+    clips = proc.datasets[0].num_frames > 1
+    assert proc.datasets[0].resolution == ([1024] if proc.model.arch_name == "sdxl" else [480] if clips else [512, 768, 1024])
 
 
 def test_demo_config_validates(monkeypatch, tmp_path):

@@ -16,6 +16,7 @@ from eridiffusion.train.checkpoint import latest_state, load_state
 from eridiffusion.train.loop import Run
 
 from .conftest import train_config
+from .test_arch_contract import controlled
 from .test_flux_e2e import read_log
 
 VARIANTS = {"lora": {"type": "lora"}, "dora": {"type": "dora"}, "locon": {"type": "locon"}, "loha": {"type": "loha"},
@@ -57,6 +58,8 @@ def test_every_adapter_type_trains_and_applies_as_comfyui_computes(tiny_model, v
     cfg = train_config(model, dataset, tmp_path / "out", arch=arch, steps=24, network=network,
                        train={"lr": 1e-2, "batch_size": 4}, save={"save_every": 24})
     cfg["config"]["process"][0]["sample"] = None
+    if getattr(get_arch_class(arch), "takes_control", False):  # each image its own control (paired by stem)
+        cfg["config"]["process"][0]["datasets"][0]["control_path"] = str(dataset)
     assert cli.main([str(write_config(cfg))]) == 0
     run = tmp_path / "out" / "test_lora"
     losses = [r["loss"] for r in read_log(run)]
@@ -96,7 +99,7 @@ def _probe(run: Run) -> torch.Tensor:
     d = run.arch.bucket_divisibility
     g = torch.Generator().manual_seed(0)
     pixels = torch.rand(1, 3, 2 * d, 2 * d, generator=g) * 2 - 1
-    latents = run.arch.encode_images(pixels)
+    latents = run.arch.encode_images(*controlled(run.arch, pixels))
     text = run.arch.encode_prompts(["a red circle"])
     batch = Batch(pixels=pixels, latents=latents, captions=["a red circle"], text=text, original_sizes=[(2 * d, 2 * d)],
                   crop_top_lefts=[(0, 0)], target_sizes=[(2 * d, 2 * d)], paths=[], loss_weights=torch.ones(1))

@@ -240,18 +240,33 @@ def test_controls_are_aligned_frame_for_frame(tmp_path):
                     flip_x=True, resolution=[48], cache_latents=True)
     warnings = []
     pipe = DataPipeline([cfg], process_trigger=None, divisibility=16, batch_size=1, seed=1, frame_rule=RULE,
-                        warn=warnings.append)
+                        warn=warnings.append, takes_control=True)
     assert any("lonely.mp4: no control file" in w for w in warnings)
     for _ in range(len(pipe)):
         batch = pipe.next_batch()
         assert batch.control.shape == batch.pixels.shape
         assert (batch.control + batch.pixels).abs().mean() < 0.05  # the inverted clip, cut the same way
-    pipe.attach_latent_cache(ToyVideoModel.encode_images, "vae", device="cpu", dtype=torch.float32, progress=False)
-    for item in pipe.items:  # the control is cut where the cached latent's pixels were
+    encode = lambda pixels, control: {"latent": ToyVideoModel.encode_images(pixels),
+                                      "control": ToyVideoModel.encode_images(control)}
+    pipe.attach_latent_cache(encode, "vae", device="cpu", dtype=torch.float32, progress=False)
+    for item in pipe.items:  # the control is encoded with the pixels, cut where they were
         batch = load_batch([item], rng=random.Random(0), latent_cache=pipe.latent_cache)
+        assert batch.pixels is None and batch.control is None  # both are in the cache
         entry = pipe.latent_cache.get(item)
         pixels, *_ = item.pixels(None, at=(tuple(entry["crop_top_left"].tolist()), int(entry["frame_start"])))
-        assert batch.pixels is None and (batch.control[0] + pixels).abs().mean() < 0.05
+        torch.testing.assert_close(batch.latents["latent"][0], ToyVideoModel.encode_images(pixels[None])[0])
+        assert (batch.latents["control"] + batch.latents["latent"]).abs().mean() < 0.05
+
+    # a changed control file means a new entry; a model without controls refuses control_path, one with them needs it
+    clip = next(item for item in pipe.items if item.clip)
+    before = pipe.latent_cache.path(clip)
+    write_clip(clip.control, 64, 48, 30, fps=30)
+    assert pipe.latent_cache.path(clip) != before
+    with pytest.raises(DataError, match=r"datasets\[0\].control_path: the model \(model.arch\) takes no control"):
+        DataPipeline([cfg], process_trigger=None, divisibility=16, batch_size=1, seed=1, frame_rule=RULE)
+    with pytest.raises(DataError, match=r"set datasets\[0\].control_path to their folder"):
+        DataPipeline([video_cfg(data)], process_trigger=None, divisibility=16, batch_size=1, seed=1, frame_rule=RULE,
+                     takes_control=True)
 
 
 # ---- config ---------------------------------------------------------------------------------------

@@ -194,7 +194,7 @@ def test_original_layout_is_what_diffusers_single_file_loader_reads(tiny_wan21, 
 
 @pytest.mark.parametrize("extra, message", [({"img_emb.proj.1.weight": (8, 8), "blocks.0.cross_attn.k_img.weight": (24, 8)},
                                              "image-to-video.*set model.arch: wan21_i2v"),
-                                            ({"vace_blocks.0.before_proj.weight": (24, 24)}, "VACE.*not supported yet")])
+                                            ({"vace_blocks.0.before_proj.weight": (24, 24)}, "VACE.*set model.arch: wan21_vace")])
 def test_i2v_and_vace_files_are_refused(extra, message, tiny_wan21, tmp_path):
     path = write_tiny_wan21_single_file(tiny_wan21, tmp_path / "t.safetensors")
     state = {**load_file(path), **{k: torch.zeros(s) for k, s in extra.items()}}

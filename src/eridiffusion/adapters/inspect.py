@@ -37,7 +37,7 @@ _ARCH_HINTS = (
     ("kolors", ("encoder_hid_proj",)),  # SDXL's UNet names plus the projection of ChatGLM's states
     ("sdxl", ("input_blocks", "lora_te2")), ("sdxl", ("down_blocks", "lora_te2")),
     ("sdxl", ("input_blocks_4_1_transformer_blocks",)), ("sdxl", ("down_blocks", "attentions")),
-    ("wan21", ("blocks", "self_attn")), ("hunyuan_video", ("img_attn_qkv",)),
+    ("wan21_vace", ("vace_blocks",)), ("wan21", ("blocks", "self_attn")), ("hunyuan_video", ("img_attn_qkv",)),
 )
 
 

@@ -16,6 +16,7 @@ ARCHS: dict[str, str] = {
     "hidream": "eridiffusion.archs.hidream:HiDream",
     "wan21": "eridiffusion.archs.wan21:Wan21",
     "wan21_i2v": "eridiffusion.archs.wan21.i2v:Wan21I2V",
+    "wan21_vace": "eridiffusion.archs.wan21.vace:Wan21VACE",
 }
 
 

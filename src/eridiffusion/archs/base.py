@@ -49,6 +49,9 @@ class Architecture(Protocol):
     # image-to-video architectures only: True where every clip is conditioned on its first frame (datasets[].do_i2v is
     # accepted there and refused elsewhere)
     # first_frame_conditioned: bool
+    # architectures that condition on each dataset's control_path files (paired by stem) set takes_control = True:
+    # encode_images then gets them as its second argument, in the layout of the pixels (cut the same way)
+    # takes_control: bool
     # identify the VAE / text encoders so caches are invalidated when they change
     latent_fingerprint: str
     text_fingerprint: str
@@ -67,8 +70,9 @@ class Architecture(Protocol):
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B,3,H,W] in [-1,1] -> latents [B,C,h,w] as the denoiser sees them (scaled/shifted). An architecture
-        that also conditions on the pixels themselves (Wan I2V: the first frame) may return a dict of named tensors,
-        batch first; it is cached and batched part by part and reaches training_loss as that dict."""
+        that also conditions on the pixels themselves (Wan I2V: the first frame) or on the controls (takes_control:
+        `encode_images(pixels, control)`) may return a dict of named tensors, batch first; it is cached and batched
+        part by part and reaches training_loss as that dict."""
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Text conditioning, every value with batch dim first. Cached to disk as-is."""

@@ -84,8 +84,9 @@ def stack_latents(entries: list[Tensors]) -> torch.Tensor | Tensors:
 class LatentCache:
     """Latents per item: `<image dir>/_latent_cache/<stem>_<key>.safetensors` (or memory), where the key
     covers the image or clip file (name, size, mtime), bucket, crop mode, flips, scale, the frame selection
-    (count, spacing, start range: num_frames, fps, shrink_video_to_frames, auto_frame_count) and the VAE
-    fingerprint. A random crop and a random start frame are drawn once per cached item (seeded by its key)."""
+    (count, spacing, start range: num_frames, fps, shrink_video_to_frames, auto_frame_count), the control file
+    (its path, size, mtime) and the VAE fingerprint. A random crop and a random start frame are drawn once per cached
+    item (seeded by its key); an item's control, cut the same way, is encoded with it (`encode(pixels, control)`)."""
 
     def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], fingerprint: str, to_disk: bool):
         self.encode, self.fingerprint, self._store = encode, fingerprint, _Store(to_disk)
@@ -94,6 +95,9 @@ class LatentCache:
         stat = item.path.stat()
         parts = (item.path.name, stat.st_size, stat.st_mtime_ns, item.bucket, item.random_crop,
                  item.flip_x, item.flip_y, item.scale, self.fingerprint)
+        if item.control is not None:
+            control = item.control.stat()
+            parts += (str(item.control), control.st_size, control.st_mtime_ns)
         key = _short_hash(*parts, item.frames) if item.frames is not None else _short_hash(*parts)
         return item.path.parent / "_latent_cache" / f"{item.path.stem}_{key}.safetensors"
 
@@ -110,7 +114,9 @@ class LatentCache:
         todo = {path: item for path, item in mine.items() if not self._store.has(path)}
         for path, item in tqdm(todo.items(), desc="caching latents", disable=not progress):
             pixels, crop, start = item.pixels(random.Random(path.name))
-            entry = {**latent_entry(self.encode(pixels[None].to(device, dtype))), "crop_top_left": torch.tensor(crop)}
+            inputs = [pixels] if item.control is None else [pixels, item.control_pixels(crop, start)]
+            encoded = self.encode(*(t[None].to(device, dtype) for t in inputs))
+            entry = {**latent_entry(encoded), "crop_top_left": torch.tensor(crop)}
             if item.frames is not None:
                 entry["frame_start"] = torch.tensor(start)
             self._store.put(path, entry)

@@ -131,9 +131,6 @@ def _check_frame_keys(cfg: Any, where: str, rule: tuple[int, int] | None, warn: 
             key = "auto_frame_count" if cfg.auto_frame_count else f"num_frames {cfg.num_frames}"
             raise DataError(f"{where}.{key}: the model (model.arch) trains on still images; use num_frames: 1, "
                             "or a video architecture")
-        if cfg.control_path:
-            raise DataError(f"{where}.control_path: control images are supported for video architectures only yet; "
-                            "remove the key")
         return
     if _video_mode(cfg) and not cfg.auto_frame_count:
         count, (step, first) = frame_count_for(cfg.num_frames, rule), rule
@@ -143,6 +140,14 @@ def _check_frame_keys(cfg: Any, where: str, rule: tuple[int, int] | None, warn: 
         if count != cfg.num_frames:
             warn(f"{where}.num_frames {cfg.num_frames} is not a frame count the model takes ({step}k+{first}); "
                  f"clips train on at most {count} frames")
+
+
+def _check_control(cfg: Any, where: str, takes_control: bool) -> None:
+    if cfg.control_path and not takes_control:
+        raise DataError(f"{where}.control_path: the model (model.arch) takes no control images or clips; remove the key")
+    if takes_control and not cfg.control_path:
+        raise DataError(f"{where}.control_path: the model (model.arch) trains on control images or clips paired with "
+                        f"the dataset's files by name (same stem); set {where}.control_path to their folder")
 
 
 def _control_for(path: Path, folder: Path) -> Path | None:
@@ -199,9 +204,10 @@ def _item_fields(path: Path, cfg: Any, where: str, rule: tuple[int, int] | None)
 
 def build_items(dataset_cfgs: Sequence[Any], *, process_trigger: str | None, divisibility: int,
                 frame_rule: tuple[int, int] | None = None, warn: Callable[[str], None] = log.warning,
-                ignore_captions: bool = False) -> list[Item]:
+                ignore_captions: bool = False, takes_control: bool = False) -> list[Item]:
     """Items of every dataset. `frame_rule` = (step, first): the architecture takes clips of step*k + first frames
     (its items then carry frames, images as one); None: an image architecture, which takes no clip.
+    `takes_control`: the architecture conditions on control_path's files, which every dataset must then have.
     `ignore_captions` (train.unload_text_encoder): every item's caption is empty, so it trains on the trigger
     word alone (or the empty prompt)."""
     items = []
@@ -210,6 +216,7 @@ def build_items(dataset_cfgs: Sequence[Any], *, process_trigger: str | None, div
         if not folder.is_dir():
             raise DataError(f"dataset folder {folder} does not exist")
         _check_frame_keys(cfg, where, frame_rule, warn)
+        _check_control(cfg, where, takes_control)
         paths, found, skipped = scan_images(folder, IMAGE_EXTS + VIDEO_EXTS), {}, []
         clips = [p for p in paths if p.suffix.lower() in VIDEO_EXTS]
         if clips and (frame_rule is None or not _video_mode(cfg)):
@@ -307,7 +314,7 @@ class Batch:
     # batches and two processes taking one each draw the same (None: the generator runs on)
     noise_seed: int | None = None
     # the items' controls (control_path), fitted as the pixels are: [B, 3, F, H, W] in [-1, 1], F = 1 for control
-    # images; loaded (never cached) even when latents are cached
+    # images; encode_images takes them with the pixels (None when latents are cached: the cache holds them encoded)
     control: torch.Tensor | None = None
 
 
@@ -324,7 +331,7 @@ def load_batch(items: Sequence[Item], *, rng: random.Random, latent_cache: Laten
         pixels, crops, starts = zip(*(item.pixels(rng) for item in items))
         pixels, latents, crops = torch.stack(pixels), None, list(crops)
     control = None
-    if items[0].control is not None:  # one group per batch: all items have a control, or none
+    if pixels is not None and items[0].control is not None:  # one group per batch: all items have a control, or none
         control = torch.stack([item.control_pixels(c, s) for item, c, s in zip(items, crops, starts)])
     if text_cache is not None:
         captions, embeds = zip(*(text_cache.get(item, rng) for item in items))
@@ -354,10 +361,11 @@ class DataPipeline:
 
     def __init__(self, dataset_cfgs: Sequence[Any], *, process_trigger: str | None, divisibility: int,
                  batch_size: int, seed: int, frame_rule: tuple[int, int] | None = None,
-                 warn: Callable[[str], None] = log.warning, ignore_captions: bool = False):
+                 warn: Callable[[str], None] = log.warning, ignore_captions: bool = False, takes_control: bool = False):
         self.dataset_cfgs, self.seed = list(dataset_cfgs), seed
         self.items = build_items(self.dataset_cfgs, process_trigger=process_trigger, divisibility=divisibility,
-                                 frame_rule=frame_rule, warn=warn, ignore_captions=ignore_captions)
+                                 frame_rule=frame_rule, warn=warn, ignore_captions=ignore_captions,
+                                 takes_control=takes_control)
         self.batches = BucketBatches(self.items, batch_size, seed)
         self.latent_cache = self.text_cache = None
 

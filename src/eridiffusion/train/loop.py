@@ -124,7 +124,8 @@ class Stepper:
             if batch.noise_seed is not None:
                 self.generator.manual_seed(batch.noise_seed)
             with no_sync(self.synced, last=i == len(batches) - 1):
-                latents = batch.latents if batch.latents is not None else self.arch.encode_images(batch.pixels)
+                latents = batch.latents if batch.latents is not None else self.arch.encode_images(
+                    *([batch.pixels] if batch.control is None else [batch.pixels, batch.control]))
                 with self.autocast():  # text encoders may carry trained LoRA layers too
                     text = batch.text if batch.text is not None else self.arch.encode_prompts(batch.captions)
                     per_sample = self.loss(latents, text, batch, self.generator)
@@ -289,7 +290,8 @@ class Run:
         self.data = DataPipeline(proc.datasets, process_trigger=proc.trigger_word,
                                  divisibility=self.arch.bucket_divisibility, batch_size=tc.batch_size, seed=self.seed,
                                  frame_rule=getattr(self.arch, "frame_rule", None),  # absent: an image model
-                                 ignore_captions=tc.unload_text_encoder)
+                                 ignore_captions=tc.unload_text_encoder,
+                                 takes_control=getattr(self.arch, "takes_control", False))
         self._prepare_caches()
         sampling = proc.sample is not None and not tc.disable_sampling and proc.sample.samples
         self.previewer = Previewer(proc.sample, self.arch, self.run_dir, proc.trigger_word) if sampling else None

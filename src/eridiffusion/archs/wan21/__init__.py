@@ -16,7 +16,7 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+from diffusers import AutoencoderKLWan, WanPipeline
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from ...objectives import flow
@@ -27,7 +27,7 @@ from ..common import (check_flow_model_keys, folder_fingerprint, load_text_encod
                       resolve_roots, save_lora_with_diffusers, write_diffusers_folder)
 from ..sources import find_tokenizer_files, resolve_model_source
 from . import formats
-from .formats import BLOCK_LISTS
+from .formats import BLOCK_LISTS, TRANSFORMER_CLS
 
 COMPONENTS = ["transformer", "vae", "text_encoder", "tokenizer", "scheduler"]
 MODEL_PATHS = ("text_encoder", "tokenizer", "vae")  # what model.model_paths may name
@@ -46,7 +46,8 @@ class Wan21:
     model_kwargs = {"max_text_length": 512}  # UMT5 tokens, as WanPipeline's default
     # frame counts the VAE takes: 4k + 1 (images are 1 frame); pixels [B, 3, F, H, W]
     frame_rule = (4, 1)
-    variant, pipeline_cls, model_paths, outside_blocks = "t2v", WanPipeline, MODEL_PATHS, OUTSIDE_BLOCKS  # the I2V subclass (i2v.py) changes these
+    # the I2V and VACE subclasses (i2v.py, vace.py) change these
+    variant, pipeline_cls, model_paths, outside_blocks = "t2v", WanPipeline, MODEL_PATHS, OUTSIDE_BLOCKS
 
     def __init__(self, proc, device: torch.device, dtype: torch.dtype):
         self.model_cfg, self.train_cfg = proc.model, proc.train
@@ -95,14 +96,15 @@ class Wan21:
             transformer = formats.load_single_file(single, base, json.loads(config.read_text()) if config.is_file() else None,
                                                    want=self.variant)
         else:
-            config = WanTransformer3DModel.load_config(main_root, subfolder="transformer", local_files_only=True)
-            formats.check_variant("i2v" if config.get("image_dim") else "t2v", main_root, self.variant)
+            cls = TRANSFORMER_CLS[self.variant]
+            config = cls.load_config(main_root, subfolder="transformer", local_files_only=True)
+            formats.check_variant(formats.config_variant(config), main_root, self.variant)
             with torch.device("meta"):  # filled block by block, each block finished (quantized, moved) as it arrives
-                transformer = WanTransformer3DModel.from_config(config)
+                transformer = cls.from_config(config)
             folder = main_root / "transformer"
             rope = formats.computed_buffers(transformer)
-            materialize(transformer, chain(read_units(folder_readers(folder), BLOCK_LISTS), [rope]), base, BLOCK_LISTS,
-                        str(folder), exact=frozenset(rope))
+            materialize(transformer, chain(read_units(folder_readers(folder), self.block_lists), [rope]), base,
+                        self.block_lists, str(folder), exact=frozenset(rope))
         self.transformer = self.denoiser = transformer
         # the Wan repos ship UniPCMultistepScheduler (flow sigmas); the class the config names
         sched_cls = getattr(diffusers, json.loads((root / "scheduler" / "scheduler_config.json").read_text())["_class_name"])
@@ -170,19 +172,20 @@ class Wan21:
         return flow.training_loss(latents.to(self.device, self.dtype), predict, self.train_cfg, shift=self.shift,
                                   seq_len=(f // pt) * (h // ph) * (w // pw), generator=generator)
 
-    def predict(self, noisy: torch.Tensor, sigma: torch.Tensor, text: dict[str, torch.Tensor],
-                image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def predict(self, noisy: torch.Tensor, sigma: torch.Tensor, text: dict[str, torch.Tensor], **conditions) -> torch.Tensor:
+        """The transformer's prediction; `conditions`: its further inputs (I2V's image embedding, VACE's control)."""
         return self.transformer(hidden_states=noisy, timestep=sigma.float() * 1000,  # the scheduler's 0..1000 timesteps
                                 encoder_hidden_states=text["prompt_embeds"].to(self.device, self.dtype),
-                                encoder_hidden_states_image=image_embeds, return_dict=False)[0]
+                                return_dict=False, **conditions)[0]
 
     # ---- LoRA ----------------------------------------------------------------------------------
     def lora_components(self, transformer_only: bool, train_text_encoder: bool) -> dict[str, LoraTargets]:
         """The blocks' Linears; with transformer_only: false also the text/time embedders and the output layer."""
         if train_text_encoder:
             raise ValueError("train.train_text_encoder is not supported for wan21 (UMT5-XXL); remove it")
+        blocks = tuple(f"{b}." for b in self.block_lists)
         names = [n for n, m in self.transformer.named_modules() if isinstance(m, torch.nn.Linear)
-                 and (n.startswith("blocks.") or (not transformer_only and n in self.outside_blocks))]
+                 and (n.startswith(blocks) or (not transformer_only and n in self.outside_blocks))]
         return {"transformer": LoraTargets(self.transformer, names, [])}
 
     def lora_to_file(self, states):
@@ -223,7 +226,8 @@ class Wan21:
         root = Path(src.path)
         reader = next(iter(folder_readers(root / "transformer").values()))
         dtype = next(reader.dtype(k) for k in reader.keys() if reader.dtype(k).is_floating_point)  # as stored
-        model = WanTransformer3DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype, local_files_only=True)
+        model = TRANSFORMER_CLS[cls.variant].from_pretrained(root, subfolder="transformer", torch_dtype=dtype,
+                                                             local_files_only=True)
         return {"transformer": model}, lambda out: write_diffusers_folder(root, out, {"transformer": model}), read
 
     # ---- full fine-tune ------------------------------------------------------------------------

@@ -5,10 +5,12 @@ from diffusers' WanTransformer3DModel, and the LoRA layouts.
 The two layouts differ in names only: one table of renames (`_BLOCK`, `_TOP`, the data of diffusers'
 `convert_wan_transformer_to_diffusers`, written here both ways so that a file converts one block at a time and
 back). The original block's cross-attention norm is `norm3` (diffusers' `norm2`); the norms without weights
-need no entry.
+need no entry. VACE's control blocks (`vace_blocks.N`) are the same blocks with an input (`before_proj`, block 0
+only) and an output projection (`after_proj`), fed by `vace_patch_embedding`.
 
 LoRA files: `diffusion_model.<original name>` (`blocks.0.self_attn.q.lora_A.weight`), the only layout ComfyUI's Wan
-models apply (diffusers names load 0 tensors there); diffusers' WanPipeline.load_lora_weights converts it itself.
+models apply (diffusers names load 0 tensors there); diffusers' WanPipeline.load_lora_weights converts it itself,
+except VACE's control blocks (its converter raises on `vace_blocks`): `trainer lora convert --to diffusers` for those.
 A LoRA's alpha/rank is folded into lora_B (both loaders then use scale 1, as trained); LoHa/LoKr keep `.alpha`."""
 from __future__ import annotations
 
@@ -17,13 +19,14 @@ from functools import cache
 from pathlib import Path
 
 import torch
-from diffusers import WanTransformer3DModel
+from diffusers import WanTransformer3DModel, WanVACETransformer3DModel
 
 from ...adapters.merge import fold_alphas, rank_alphas
 from ..common import variant_configs
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 BLOCK_LISTS = ("blocks",)
+VACE_BLOCK_LISTS = ("vace_blocks", "blocks")  # execution order: the control blocks all run before the main blocks
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # ComfyUI/ldm-style full checkpoints; bare files have none
 IGNORED = ("scaled_fp8",)  # ComfyUI's scaled-fp8 marker
 LORA_PREFIX = "diffusion_model."
@@ -38,7 +41,8 @@ _BLOCK = {"attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v"
           "attn2.add_k_proj": "cross_attn.k_img", "attn2.add_v_proj": "cross_attn.v_img",
           "attn2.norm_added_k": "cross_attn.norm_k_img",
           "norm2": "norm3", "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2", "scale_shift_table": "modulation"}
-_TOP = {"patch_embedding": "patch_embedding",
+_VACE_BLOCK = {**_BLOCK, "proj_in": "before_proj", "proj_out": "after_proj"}
+_TOP = {"patch_embedding": "patch_embedding", "vace_patch_embedding": "vace_patch_embedding",
         "condition_embedder.text_embedder.linear_1": "text_embedding.0",
         "condition_embedder.text_embedder.linear_2": "text_embedding.2",
         "condition_embedder.time_embedder.linear_1": "time_embedding.0",
@@ -50,18 +54,19 @@ _TOP = {"patch_embedding": "patch_embedding",
         "condition_embedder.image_embedder.norm2": "img_emb.proj.4",
         "proj_out": "head.head", "scale_shift_table": "head.modulation"}
 _BLOCK_BACK = {b: a for a, b in _BLOCK.items()}
+_VACE_BLOCK_BACK = {b: a for a, b in _VACE_BLOCK.items()}
 _TOP_BACK = {b: a for a, b in _TOP.items()}
 _REQUIRED = ("patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight", "time_projection.1.weight",
              "head.head.weight", "head.modulation", "blocks.0.self_attn.q.weight", "blocks.0.cross_attn.q.weight",
              "blocks.0.ffn.0.weight", "blocks.0.modulation")
 
 
-def _rename(name: str, block: Mapping[str, str], top: Mapping[str, str]) -> str:
+def _rename(name: str, block: Mapping[str, str], vace_block: Mapping[str, str], top: Mapping[str, str]) -> str:
     """A parameter or module name through the tables: the longest named entity it starts with is renamed, the rest
     (`.weight`, `.lora_A.weight`, `.scale_weight`, nothing) kept."""
-    if name.startswith("blocks."):
-        _, i, inner = name.split(".", 2)
-        head, table = f"blocks.{i}.", block
+    if name.startswith(("blocks.", "vace_blocks.")):
+        blocks, i, inner = name.split(".", 2)
+        head, table = f"{blocks}.{i}.", block if blocks == "blocks" else vace_block
     else:
         head, inner, table = "", name, top
     for entity in sorted(table, key=len, reverse=True):
@@ -72,12 +77,12 @@ def _rename(name: str, block: Mapping[str, str], top: Mapping[str, str]) -> str:
 
 def to_original(name: str) -> str:
     """diffusers name -> the Wan repo's (ComfyUI's) name."""
-    return _rename(name, _BLOCK, _TOP)
+    return _rename(name, _BLOCK, _VACE_BLOCK, _TOP)
 
 
 def to_diffusers(name: str) -> str:
     """The Wan repo's (ComfyUI's) name -> diffusers'."""
-    return _rename(name, _BLOCK_BACK, _TOP_BACK)
+    return _rename(name, _BLOCK_BACK, _VACE_BLOCK_BACK, _TOP_BACK)
 
 
 def diffusers_to_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -109,11 +114,20 @@ def variant(names: Iterable[str]) -> str:
     return "t2v"
 
 
-ARCH_OF = {"t2v": "wan21", "i2v": "wan21_i2v"}  # model.arch that trains each variant
+def config_variant(config: Mapping) -> str:
+    """'t2v', 'i2v' or 'vace' from a diffusers transformer config."""
+    return "vace" if "vace_layers" in config else "i2v" if config.get("image_dim") else "t2v"
+
+
+ARCH_OF = {"t2v": "wan21", "i2v": "wan21_i2v", "vace": "wan21_vace"}  # model.arch that trains each variant
+# each variant's diffusers class and its repeated blocks in execution order
+TRANSFORMER_CLS = {"t2v": WanTransformer3DModel, "i2v": WanTransformer3DModel, "vace": WanVACETransformer3DModel}
+BLOCK_LISTS_OF = {"t2v": BLOCK_LISTS, "i2v": BLOCK_LISTS, "vace": VACE_BLOCK_LISTS}
 
 
 def require_variant(names: Iterable[str], source, want: str) -> None:
-    """The original-layout names are a Wan 2.1 transformer of variant `want` ('t2v' or 'i2v'), else a clear error."""
+    """The original-layout names are a Wan 2.1 transformer of variant `want` ('t2v', 'i2v' or 'vace'), else a clear
+    error."""
     names = [k for k in names if not k.endswith(".scale_weight")]
     missing = [k for k in _REQUIRED if k not in names]
     if missing:
@@ -130,16 +144,16 @@ def check_variant(kind: str, source, want: str) -> None:
         return
     what = {"t2v": "a text-to-video (T2V) model", "i2v": "an image-to-video (I2V) model (img_emb / k_img)",
             "vace": "a VACE model (vace_blocks)"}[kind]
-    if kind == "vace":
-        raise ValueError(f"{source} is {what}: Wan 2.1 VACE is not supported yet")
     raise ValueError(f"{source} is {what}: set model.arch: {ARCH_OF[kind]} (model.arch {ARCH_OF[want]} trains "
                      f"{want.upper()} models)")
 
 
 def infer_config(shapes: Mapping[str, tuple], base: Mapping | None = None) -> dict:
-    """WanTransformer3DModel's config from original-layout tensor shapes: widths, depth, patch and channels.
-    What no weight tells (head size, norm eps, rotary table length) comes from `base` (the components folder's
-    transformer config), else from the releases' (every Wan 2.1 has 128-wide heads)."""
+    """WanTransformer3DModel's (WanVACETransformer3DModel's) config from original-layout tensor shapes: widths, depth,
+    patch and channels. What no weight tells (head size, norm eps, rotary table length) comes from `base` (the
+    components folder's transformer config), else from the releases' (every Wan 2.1 has 128-wide heads). A VACE
+    model's control blocks feed main blocks spaced evenly from block 0, as in both releases (every 2nd of 30 in 1.3B,
+    every 5th of 40 in 14B) and as ComfyUI's VaceWanModel assumes: no tensor says which."""
     inner, in_channels, *patch = shapes["patch_embedding.weight"]
     defaults = known_configs()["wan2.1-t2v-1.3b"]["transformer"]
     base = dict(base or {})
@@ -160,7 +174,18 @@ def infer_config(shapes: Mapping[str, tuple], base: Mapping | None = None) -> di
         "added_kv_proj_dim": shapes["blocks.0.cross_attn.k_img.weight"][1]
         if "blocks.0.cross_attn.k_img.weight" in shapes else None,
         "pos_embed_seq_len": None,
+        **(_vace_config(shapes) if "vace_patch_embedding.weight" in shapes else {}),
     }
+
+
+def _vace_config(shapes: Mapping[str, tuple]) -> dict:
+    layers = len({k.split(".")[1] for k in shapes if k.startswith("blocks.")})
+    count = len({k.split(".")[1] for k in shapes if k.startswith("vace_blocks.")})
+    if not count or layers % count:
+        raise ValueError(f"{count} VACE control blocks do not divide the {layers} main blocks evenly, as in the released "
+                         "VACE models; which blocks they feed is not in the file: use the model's diffusers folder")
+    return {"vace_layers": list(range(0, layers, layers // count)),
+            "vace_in_channels": shapes["vace_patch_embedding.weight"][1]}
 
 
 def computed_buffers(model: WanTransformer3DModel) -> dict[str, torch.Tensor]:
@@ -173,8 +198,9 @@ def computed_buffers(model: WanTransformer3DModel) -> dict[str, torch.Tensor]:
 
 
 def load_single_file(path: str | Path, base, base_config: Mapping | None = None, want: str = "t2v") -> WanTransformer3DModel:
-    """A WanTransformer3DModel from one original-layout file (bf16/fp16/fp32, float8, ComfyUI scaled fp8; prefixed or
-    not) of variant `want` ('t2v', 'i2v'), read block by block and finished by `base` (quantized, moved)."""
+    """A WanTransformer3DModel (WanVACETransformer3DModel) from one original-layout file (bf16/fp16/fp32, float8,
+    ComfyUI scaled fp8; prefixed or not) of variant `want` ('t2v', 'i2v', 'vace'), read block by block and finished by
+    `base` (quantized, moved)."""
     from itertools import chain
 
     from ..blockwise import materialize, read_units
@@ -186,7 +212,7 @@ def load_single_file(path: str | Path, base, base_config: Mapping | None = None,
     shapes = {k: reader.shape(prefix + k) for k in names if not k.endswith(".scale_weight")}
     config = infer_config(shapes, base_config)
     with torch.device("meta"):
-        model = WanTransformer3DModel.from_config(config)
+        model = TRANSFORMER_CLS[want].from_config(config)
     expected = {to_original(k): tuple(v.shape) for k, v in model.state_dict().items()}
     missing, unexpected = [k for k in expected if k not in shapes], [k for k in shapes if k not in expected]
     wrong = [f"{k} {shapes[k]} != {s}" for k, s in expected.items() if k in shapes and shapes[k] != s]
@@ -196,8 +222,9 @@ def load_single_file(path: str | Path, base, base_config: Mapping | None = None,
                          f"missing {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}, {len(wrong)} of the wrong "
                          f"shape {wrong[:5]}")
     readers = {prefix + k: reader for k in names}
-    units = read_units(readers, BLOCK_LISTS, rename=lambda k: to_diffusers(k[len(prefix):]))
-    return materialize(model, chain(units, [computed_buffers(model)]), base, BLOCK_LISTS, str(path),
+    block_lists = BLOCK_LISTS_OF[want]
+    units = read_units(readers, block_lists, rename=lambda k: to_diffusers(k[len(prefix):]))
+    return materialize(model, chain(units, [computed_buffers(model)]), base, block_lists, str(path),
                        exact=frozenset(computed_buffers(model)))
 
 
@@ -210,11 +237,12 @@ def lora_to_file(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @cache
 def _original_module_names() -> list[str]:
-    """Every Linear a Wan 2.1 transformer (I2V's image layers included) has, by its original name."""
+    """Every Linear a Wan 2.1 transformer (I2V's image layers and VACE's control blocks included) has, by its original
+    name."""
     config = {**known_configs()["wan2.1-t2v-1.3b"]["transformer"], "num_layers": 40, "image_dim": 1280,
-              "added_kv_proj_dim": 1536}
+              "added_kv_proj_dim": 1536, "vace_layers": list(range(40))}
     with torch.device("meta"):
-        model = WanTransformer3DModel.from_config(config)
+        model = WanVACETransformer3DModel.from_config(config)
     return sorted(to_original(n) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
 
 

@@ -117,7 +117,7 @@ class Wan21I2V(Wan21):
         condition = torch.cat([first_frame_mask(latent), latents["condition"]], 1).to(self.device, self.dtype)
         image = latents["image_embeds"].to(self.device, self.dtype)
         return self.flow_loss(latent, lambda noisy, sigma: self.predict(torch.cat([noisy, condition], 1), sigma, text,
-                                                                        image), generator)
+                                                                        encoder_hidden_states_image=image), generator)
 
     # ---- previews ------------------------------------------------------------------------------
     def sample_inputs(self, request: SampleRequest) -> dict:
