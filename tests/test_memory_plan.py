@@ -46,6 +46,9 @@ def test_plan_picks_the_fastest_settings_that_fit(flux_size):
     assert estimate(flux_size, "float8", 0, True, whole=card.whole_blocks + 1, **kw(flux_size, 22.5)).expected_peak > 22.5 * GIB
     fp8 = make_plan(flux_size, **kw(flux_size, 22.5), fp8_matmul=True)
     assert fp8.whole_blocks > card.whole_blocks and "but for the first" in fp8.line()
+    # fp8 matmuls are float8's: an nf4 block kept whole still saves its dequantized weights
+    nf4 = [estimate(flux_size, "nf4", 0, True, whole=6, fp8_matmul=f, **kw(flux_size, 24)).expected_peak for f in (False, True)]
+    assert nf4[0] == nf4[1]
     small = make_plan(flux_size, **kw(flux_size, 12))
     assert small.storage == "float8" and 0 < small.swap_blocks < 57 and small.expected_peak <= 12 * GIB
     fewer = make_plan(flux_size, **kw(flux_size, 10))

@@ -105,7 +105,7 @@ def estimate(size: ModelSize, storage: str | None, swap: int, checkpointing: boo
     resident = sum(size.unit_bytes(u, storage) for u in units)
     swapped = [size.unit_bytes(b, storage) for b in size.blocks[n - swap:]] if swap else []
     weights = resident - sum(swapped) + 2 * max(swapped, default=0.0)  # two swapped blocks on the GPU at a time
-    if storage and not fp8_matmul and checkpointing:
+    if storage and not (fp8_matmul and storage == "float8") and checkpointing:
         # a block kept whole saves its dequantized weights for backward; fp8 matmuls save the stored ones
         acts += sum(size.unit_bytes(b, None) for b in size.blocks[:whole])
     return Plan(storage, swap, checkpointing, weights + lora_bytes + acts + RESERVE, budget, weights, acts, whole, offload)
