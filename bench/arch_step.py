@@ -194,7 +194,7 @@ def main():
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         torch.backends.cuda.enable_cudnn_sdp(True)
-        attention = lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION])
+        attention = lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True)
     else:
         import contextlib
 
