@@ -157,6 +157,10 @@ def main():
     torch.set_default_dtype(torch.float32)
     finish_loaded(model, base, arch.block_lists)  # quantized in place, swapped blocks to host memory
     arch.base = base
+    if args.arch == "hidream":
+        from eridiffusion.archs.hidream.moe import sort_routed_experts
+
+        sort_routed_experts(model)  # as its load_denoiser() does
     if args.arch == "hidream" or video:  # (their load() builds the pipeline; these are what training reads)
         arch.transformer = arch.denoiser = model
         arch.shift, arch.vae_scale_factor = FlowShift(shift=3.0), 8

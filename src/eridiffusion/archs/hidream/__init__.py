@@ -24,6 +24,7 @@ from ..common import (check_flow_model_keys, encode_latents, folder_fingerprint,
 from ..sources import find_tokenizer_files, resolve_folder
 from . import formats
 from .formats import BLOCK_LISTS
+from .moe import sort_routed_experts
 
 COMPONENTS = ["transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
               "tokenizer_3", "scheduler"]
@@ -126,6 +127,7 @@ class HiDream:
                     HiDreamImageTransformer2DModel.load_config(main_root, subfolder="transformer", local_files_only=True))
             folder = main_root / "transformer"
             materialize(transformer, read_units(folder_readers(folder), BLOCK_LISTS), self.base, BLOCK_LISTS, str(folder))
+        sort_routed_experts(transformer)  # one host sync per MoE layer in training instead of eight
         self.transformer = self.denoiser = self.pipe.transformer = transformer
 
     def _llama_folder(self, root: Path) -> tuple[Path, Path]:
