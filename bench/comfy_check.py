@@ -1,6 +1,6 @@
 """Do our saved LoRA-family files apply completely in ComfyUI? Runs ComfyUI's own loader on them.
 
-For each architecture (flux, sdxl, kolors, sd3, chroma, hidream) and adapter type (lora, dora, locon, loha, lokr, lokr_factored) this
+For each architecture (flux, sdxl, kolors, sd3, chroma, hidream, wan21, wan21_i2v, wan21_vace) and adapter type (lora, dora, locon, loha, lokr, lokr_factored) this
 trains a tiny run on CPU with our trainer, then applies the saved .safetensors the way ComfyUI's LoraLoader node
 does, with ComfyUI's unmodified code: `comfy.sd.load_lora_for_models` (model_lora_keys_unet -> convert_lora ->
 load_lora -> ModelPatcher.add_patches) and `ModelPatcher.patch_model` (comfy.lora.calculate_weight and the
@@ -9,7 +9,8 @@ read ("lora key not loaded"), targets the model lacks ("NOT LOADED"), and shape 
 ("ERROR lora"). The patched weights are then compared with the trainer's: the peft model of the run's last
 step, merged by peft, converted to the original layout ComfyUI's models use (Flux: BFL names with fused qkv;
 SD3: SAI MMDiT names with fused qkv; Chroma: lodestones' BFL-style names; HiDream: diffusers' own names, which
-ComfyUI's HiDream uses; SDXL / Kolors UNet: SGM `input_blocks...` names) by our full-checkpoint converters.
+ComfyUI's HiDream uses; Wan 2.1: the Wan repo's names; SDXL / Kolors UNet: SGM `input_blocks...` names) by our
+full-checkpoint converters.
 With --layout the file is first converted as `trainer lora convert --to LAYOUT` converts it.
 
     max rel err = max over weights of |W_comfy - W_trainer| / |W_trainer - W_base|
@@ -23,7 +24,9 @@ size (its detect_unet_config hard-codes full-size Flux widths, which are replace
 ComfyUI's `comfy.model_base.SD3` detected from the weights, on a tiny model of SAI's widths (64-wide heads, as many
 as blocks, which ComfyUI's SD3 LoRA map assumes); for Chroma and HiDream ComfyUI's real `model_base.Chroma` /
 `model_base.HiDream`, the class ComfyUI detects from the weights, built at the tiny model's widths (its detection
-hard-codes the released ones); for the
+hard-codes the released ones); for Wan 2.1 T2V / I2V / VACE the same with `supported_models.WAN21_T2V` / `WAN21_I2V` /
+`WAN21_Vace` (`model_base.WAN21`, its image-to-video form, `model_base.WAN21_Vace`; heads, frequency and text widths
+from the tiny config; the tiny I2V's CLIP is 1280 wide, the width ComfyUI's image embedder is built with); for the
 UNets a stand-in `comfy.model_base.SDXL` instance (ComfyUI's UNetModel hard-codes GroupNorm(32), which our
 8-channel tiny UNet cannot build) whose `diffusion_model` holds exactly our SGM state dict, with ComfyUI's
 `supported_models.SDXL` config from ComfyUI's `detect_unet_config`; its key set is checked against a real
@@ -61,6 +64,7 @@ from eridiffusion.archs.chroma.formats import diffusers_to_bfl as chroma_to_bfl
 from eridiffusion.archs.flux.formats import diffusers_to_bfl
 from eridiffusion.archs.sd3.formats import diffusers_to_sai
 from eridiffusion.archs.sdxl.formats import diffusers_to_sgm
+from eridiffusion.archs.wan21.formats import diffusers_to_original as wan_to_original
 from eridiffusion.config import parse_config
 from eridiffusion.demo import DEMO_DATA_DIR
 from eridiffusion.train.checkpoint import latest_state, load_state
@@ -69,9 +73,12 @@ from eridiffusion.train.loop import Run
 VARIANTS = {"lora": {"type": "lora"}, "dora": {"type": "dora"}, "locon": {"type": "locon"}, "loha": {"type": "loha"},
             "lokr": {"type": "lokr"},
             "lokr_factored": {"type": "lokr", "lokr_full_rank": False, "linear": 2, "linear_alpha": 4, "lokr_factor": 4}}
-ARCHS = ("flux", "sdxl", "kolors", "sd3", "chroma", "hidream")
+ARCHS = ("flux", "sdxl", "kolors", "sd3", "chroma", "hidream", "wan21", "wan21_i2v", "wan21_vace")
 TINY = {"sd3": {"attention_head_dim": 64, "num_attention_heads": 2},  # SAI's widths: 64 x depth
-        "chroma": {"num_layers": 2, "num_single_layers": 2}}  # more than one block of each kind in the key map
+        "chroma": {"num_layers": 2, "num_single_layers": 2},  # more than one block of each kind in the key map
+        "wan21_i2v": {"image_dim": 1280}}  # ComfyUI's Wan image embedder takes 1280 (ViT-H/14) whatever the weights say
+# ComfyUI's supported model for each Wan arch (detected from the weights: head.modulation, img_emb, vace_blocks)
+WAN = {"wan21": "WAN21_T2V", "wan21_i2v": "WAN21_I2V", "wan21_vace": "WAN21_Vace"}
 SGM_UNET = "model.diffusion_model."
 
 
@@ -174,6 +181,10 @@ def comfy_model(comfy, arch: str, sd: dict[str, torch.Tensor], folder: Path):
                                               "llama_layers", "num_routed_experts", "num_activated_experts",
                                               "num_layers", "num_single_layers", "patch_size", "text_emb_dim")})
         return _detected_model(comfy, "HiDream", unet_config, sd)
+    if arch in WAN:  # detected as wan2.1 t2v / i2v / vace, at released widths ComfyUI hard-codes: the tiny ones
+        c = json.loads((folder / "transformer" / "config.json").read_text())
+        unet_config.update(num_heads=c["num_attention_heads"], freq_dim=c["freq_dim"], text_dim=c["text_dim"], eps=c["eps"])
+        return _detected_model(comfy, WAN[arch], unet_config, sd)
     if arch == "sd3":
         config = comfy.supported_models.SD3(unet_config)
         config.set_inference_dtype(torch.float32, None)
@@ -198,9 +209,10 @@ def comfy_model(comfy, arch: str, sd: dict[str, torch.Tensor], folder: Path):
 
 def _detected_model(comfy, name: str, unet_config: dict, sd: dict[str, torch.Tensor]):
     """ComfyUI's supported model `name` (checked to be the one it detects from the weights) holding `sd`."""
-    if unet_config["image_model"] != getattr(comfy.supported_models, name).unet_config["image_model"]:
-        raise RuntimeError(f"ComfyUI detects {unet_config['image_model']}, not {name}, from these weights")
-    config = getattr(comfy.supported_models, name)(unet_config)
+    config = comfy.model_detection.model_config_from_unet_config(unet_config, sd)
+    if type(config).__name__ != name:
+        raise RuntimeError(f"ComfyUI detects {type(config).__name__} ({unet_config.get('image_model')}), not {name}, "
+                           "from these weights")
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model(sd, "")
     model.diffusion_model.load_state_dict(sd, strict=True)  # every name and shape is ComfyUI's own
@@ -243,9 +255,12 @@ def train(arch: str, variant: str, model_dir: Path, work: Path, steps: int, all_
         shutil.copytree(DEMO_DATA_DIR, data)
     out = work / f"{arch}-{variant}"
     shutil.rmtree(out, ignore_errors=True)  # a run folder with a checkpoint would resume, not train
+    dataset = {"folder_path": str(data), "caption_ext": "txt", "resolution": [64], "cache_latents_to_disk": True}
+    if getattr(get_arch_class(arch), "takes_control", False):  # VACE: each image is its own control (same stem)
+        dataset["control_path"] = str(data)
     proc = {"type": "sd_trainer", "training_folder": str(out), "device": "cpu", "trigger_word": "shp3s", "training_seed": 7,
             "network": network, "save": {"dtype": "float32", "save_every": steps, "max_step_saves_to_keep": 1},
-            "datasets": [{"folder_path": str(data), "caption_ext": "txt", "resolution": [64], "cache_latents_to_disk": True}],
+            "datasets": [dataset],
             "train": {"batch_size": 4, "steps": steps, "lr": 1e-2, "optimizer": "adamw", "dtype": "fp32",
                       "cache_text_embeddings": True},
             "model": {"name_or_path": str(model_dir), "arch": arch}, "sample": None}
@@ -288,6 +303,8 @@ def original_layout(arch: str, state: dict[str, torch.Tensor]) -> dict[str, torc
         return chroma_to_bfl(state)
     if arch == "hidream":  # ComfyUI's HiDream names are diffusers'
         return dict(state)
+    if arch in WAN:
+        return wan_to_original(state)
     unet = dict(state)
     extra = {k: unet.pop(k) for k in list(unet) if k.startswith("encoder_hid_proj.")}
     return {**{k[len(SGM_UNET):]: v for k, v in diffusers_to_sgm({"unet": unet}).items()}, **extra}

@@ -24,13 +24,14 @@ def tiny_wan_vae():
 
 
 def build_tiny_wan21(folder: str | Path, *, num_layers: int = 2, seed: int = 0, i2v: bool = False, vace: bool = False,
-                     vace_layers: list[int] | None = None) -> Path:
+                     vace_layers: list[int] | None = None, image_dim: int = 16) -> Path:
     """Transformer patch (1, 2, 2) over the VAE's 8x: pixel sides divisible by 16; 2 heads of 12 (the rotary
     split 4/4/4), UMT5 of width 32 with the tiny T5 tokenizer (UMT5's tokenizer class is T5's). The scheduler is
     the Wan 2.1 T2V diffusers repos' (UniPC over flow sigmas, flow_shift 3). With `i2v`: the image-to-video
     transformer (36 input channels, the image embedder and k_img/v_img) and a CLIPVisionModel of width 16 (32 px
     images in 8 px patches: 17 tokens; 16 heads and gelu as ViT-H/14, which a clip_vision file is read as) with its
-    CLIPImageProcessor, as WanImageToVideoPipeline.save_pretrained writes. With `vace`: the VACE transformer (a
+    CLIPImageProcessor, as WanImageToVideoPipeline.save_pretrained writes (`image_dim`: the CLIP's width, 1280 as
+    ViT-H/14's for ComfyUI's Wan model, whose image embedder takes 1280 whatever the config). With `vace`: the VACE transformer (a
     control block for every main block, or for each of `vace_layers`; 96 control channels), as
     WanVACEPipeline.save_pretrained writes it."""
     from diffusers import (UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel,
@@ -52,10 +53,10 @@ def build_tiny_wan21(folder: str | Path, *, num_layers: int = 2, seed: int = 0, 
             patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36 if i2v else 16,
             out_channels=16, text_dim=TEXT_WIDTH, freq_dim=32, ffn_dim=48, num_layers=num_layers, cross_attn_norm=True,
             qk_norm="rms_norm_across_heads", rope_max_seq_len=256,
-            **(dict(image_dim=16, added_kv_proj_dim=24) if i2v else {}), **vace_kw)
+            **(dict(image_dim=image_dim, added_kv_proj_dim=24) if i2v else {}), **vace_kw)
         torch.manual_seed(seed)
         image = dict(image_encoder=CLIPVisionModel(CLIPVisionConfig(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=16, image_size=32,
+            hidden_size=image_dim, intermediate_size=32, num_hidden_layers=2, num_attention_heads=16, image_size=32,
             patch_size=8, hidden_act="gelu")), image_processor=CLIPImageProcessor(
             size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})) if i2v else {}
     scheduler = UniPCMultistepScheduler.from_config(known_configs()["wan2.1-t2v-1.3b"]["scheduler"])
