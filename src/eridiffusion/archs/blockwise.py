@@ -194,7 +194,7 @@ def materialize(model: torch.nn.Module, chunks: Iterable[dict[str, torch.Tensor]
             if not pending[unit]:
                 if unit in modules:
                     base.finish(unit, modules[unit])
-                else:  # a parameter of the model itself (Wan's output scale_shift_table): moved, never quantized
+                else:  # a parameter of the model itself (an output scale_shift_table): moved, never quantized
                     _assign(model, unit, getattr(model, unit).to(base.device))
                 del pending[unit]
     missing = sorted(n for names in pending.values() for n in names)

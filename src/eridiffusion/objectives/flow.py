@@ -1,4 +1,4 @@
-"""Rectified-flow (flow matching) objective, as Flux, SD3, Wan and the other flow models are trained:
+"""Rectified-flow (flow matching) objective, as the flow-matching models are trained:
 x_t = (1 - sigma) * x0 + sigma * noise, the model predicts the velocity noise - x0."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class FlowShift:
     @classmethod
     def from_scheduler(cls, config) -> FlowShift:
         """The shift a FlowMatchEulerDiscreteScheduler's config samples with, or a UniPC / DPM-Solver config over flow
-        sigmas (its static `flow_shift`, as the Wan repos ship)."""
+        sigmas (its static `flow_shift`, as some video repos ship)."""
         if dict(config).get("use_flow_sigmas"):
             return cls(shift=float(config["flow_shift"]))
         return cls(shift=config.shift, dynamic=bool(config.use_dynamic_shifting), base_seq_len=config.base_image_seq_len,

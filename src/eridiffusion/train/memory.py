@@ -17,7 +17,7 @@ from ..quant import BYTES_PER_WEIGHT, Quantizer, excluded, gib, storage_of, text
 # at 1024² on an H200 (bf16 step 25.6 GiB = 22.2 weights + 1.3 LoRA/AdamW + ~2 activations), with margin.
 SAVED_PER_BLOCK, WORKING_SET, UNCHECKPOINTED_PER_BLOCK = 1.0, 24.0, 21.0
 # A model without repeated-block lists (a UNet), in the same units over the whole model: checkpointed and not.
-# Calibrated on SDXL's UNet at 1024² (H200: 6.18 / 11.62 GiB peaks = 4.8 weights + 0.6 LoRA/AdamW + activations).
+# Calibrated on a 2.6B UNet at 1024² (H200: 6.18 / 11.62 GiB peaks = 4.8 weights + 0.6 LoRA/AdamW + activations).
 WHOLE_MODEL_CHECKPOINTED, WHOLE_MODEL_UNCHECKPOINTED = 70.0, 560.0
 RESERVE = 1.5 * 2**30  # CUDA context, cuBLAS workspaces, allocator fragmentation
 # (storage, checkpointing, may swap, offload activations), fastest first as measured on that model: exact weights
@@ -114,7 +114,7 @@ def estimate(size: ModelSize, storage: str | None, swap: int, checkpointing: boo
 def make_plan(size: ModelSize, *, budget: float, tokens: int, batch: int, lora_bytes: float,
               candidates=CANDIDATES, fp8_matmul: bool = False, keep_whole: bool = True) -> Plan:
     """The first candidate whose estimated peak fits, with as few swapped blocks as fit; a checkpointed plan
-    without swap then keeps as many blocks whole as still fit (each one less recompute: ~1 % of a Flux step),
+    without swap then keeps as many blocks whole as still fit (each one less recompute: ~1 % of a 57-block step),
     unless `keep_whole` is false (an architecture whose unrecomputed blocks the estimate is not calibrated for)."""
     kw = dict(budget=budget, tokens=tokens, batch=batch, lora_bytes=lora_bytes, fp8_matmul=fp8_matmul)
     tried = []
