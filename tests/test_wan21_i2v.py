@@ -264,3 +264,33 @@ def test_do_i2v_is_refused_where_clips_are_not_conditioned_on_their_first_frame(
     assert cli.main([str(write_config(cfg))]) == 1
     err = capsys.readouterr().err
     assert f"datasets[0].do_i2v: {arch} does not condition on a clip's first frame (model.arch wan21_i2v does)" in err
+
+
+def test_full_fine_tune_from_comfyui_files_saves_an_i2v_folder(tiny_i2v, tiny_wan21, dataset, tmp_path, write_config):
+    """The I2V transformer from a single file, the rest from a text-to-video folder and the image encoder from
+    clip_vision_h.safetensors: save_format diffusers writes a folder WanImageToVideoPipeline loads, with the trained
+    transformer and the image encoder and processor the run used; the base folder is left as it was."""
+    from diffusers import WanImageToVideoPipeline
+
+    from eridiffusion.archs.wan21.tiny import write_tiny_wan21_single_file
+
+    clip_vision = tmp_path / "clip_vision_h.safetensors"
+    clip_vision_file(tiny_i2v, clip_vision)
+    single = write_tiny_wan21_single_file(tiny_i2v, tmp_path / "wan2.1_i2v_480p_tiny.safetensors")
+    index_before = (tiny_wan21 / "model_index.json").read_text()
+    cfg = i2v_config(single, dataset, tmp_path / "out", steps=2, sample={"prompts": []},
+                     train={"optimizer": "adafactor", "lr": 3e-4},
+                     model={"extras_name_or_path": str(tiny_wan21), "model_paths": {"image_encoder": str(clip_vision)},
+                            "only_if_contains": ["transformer.blocks."]},
+                     save={"save_format": "diffusers"})
+    del cfg["config"]["process"][0]["network"]
+    assert cli.main([str(write_config(cfg))]) == 0
+    run = tmp_path / "out" / "test_lora"
+    pipe = WanImageToVideoPipeline.from_pretrained(run / "test_lora", local_files_only=True)
+    trained = load_arch(tiny_i2v, name_or_path=str(run / "test_lora.safetensors"),
+                        extras_name_or_path=str(tiny_wan21), model_paths={"image_encoder": str(clip_vision)})
+    assert all(torch.equal(v, trained.transformer.state_dict()[k]) for k, v in pipe.transformer.state_dict().items())
+    images = random_images()
+    torch.testing.assert_close(pipe.encode_image(images, torch.device("cpu")),
+                               trained.pipe.encode_image(images, torch.device("cpu")))
+    assert (tiny_wan21 / "model_index.json").read_text() == index_before

@@ -202,10 +202,11 @@ def save_lora_with_diffusers(pipe_cls, path, modules: dict, dtype) -> None:
         Path(tmp, "lora.safetensors").replace(path)
 
 
-def write_diffusers_folder(root: Path | None, folder: Path, modules: dict) -> None:
+def write_diffusers_folder(root: Path | None, folder: Path, modules: dict, pipeline_cls=None) -> None:
     """A diffusers folder at `folder`: the base folder `root` with each `modules` subfolder (e.g. `transformer`)
-    replaced by that module's save_pretrained; the other components hard-linked (or copied). Written beside
-    and swapped in, so a previous complete folder stays until the new one is."""
+    replaced by that module's save_pretrained; the other components hard-linked (or copied). With `pipeline_cls`,
+    model_index.json names that pipeline and the written modules' classes (a model whose components came from
+    another variant's folder). Written beside and swapped in, so a previous complete folder stays until the new one is."""
     import os
     import shutil
 
@@ -225,6 +226,13 @@ def write_diffusers_folder(root: Path | None, folder: Path, modules: dict) -> No
                     copy_function=link_or_copy)
     for sub, module in modules.items():
         module.save_pretrained(tmp / sub)
+    if pipeline_cls is not None:
+        index_path = tmp / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index_path.unlink()  # a hard link to the base's: replaced, never written through
+        index["_class_name"] = pipeline_cls.__name__
+        index.update({sub: [type(m).__module__.split(".")[0], type(m).__name__] for sub, m in modules.items()})
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True))
     if folder.exists():
         folder.replace(old)
     tmp.replace(folder)

@@ -242,11 +242,17 @@ class Wan21:
         return formats.diffusers_to_original(state or self.transformer.state_dict())
 
     def save_full_diffusers(self, folder: Path, dtype) -> None:
-        """The components folder with this transformer; a text encoder that came from model.model_paths is written too."""
-        modules = {"transformer": self.transformer}
+        """The components folder with this transformer, named as this variant's pipeline (the components may come
+        from another variant's folder); a text encoder that came from model.model_paths is written too, and I2V's
+        image encoder and processor always."""
+        modules = {"transformer": self.transformer, **self.image_components()}
         if getattr(self, "text_reload", None) is not None:
             modules["text_encoder"] = self.pipe.text_encoder or self.text_reload()
-        write_diffusers_folder(getattr(self, "components_root", None), folder, modules)
+        write_diffusers_folder(getattr(self, "components_root", None), folder, modules, pipeline_cls=self.pipeline_cls)
+
+    def image_components(self) -> dict:
+        """The pipeline's image-conditioning components as loaded (none for T2V)."""
+        return {}
 
     # ---- previews ------------------------------------------------------------------------------
     def sample_inputs(self, request: SampleRequest) -> dict:

@@ -88,6 +88,9 @@ class Wan21I2V(Wan21):
         self.image_fingerprint = folder_fingerprint(source, extra=json.dumps(settings, sort_keys=True, default=str))
         return {"image_encoder": encoder.requires_grad_(False).eval().to(self.device), "image_processor": processor}
 
+    def image_components(self) -> dict:
+        return {"image_encoder": self.pipe.image_encoder, "image_processor": self.pipe.image_processor}
+
     def load(self, base=None) -> None:
         super().load(base)
         self.latent_fingerprint += ":i2v:" + self.image_fingerprint
