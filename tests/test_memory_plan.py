@@ -155,15 +155,18 @@ def test_swap_keys(tiny_flux, dataset, tmp_path):
         swap_request(proc(swap_blocks=60), 57)
 
 
-def test_block_swap_run_matches_an_unswapped_run(tiny_flux, dataset, tmp_path, write_config):
+def test_block_swap_and_offloaded_inputs_runs_match_a_plain_run(tiny_flux, dataset, tmp_path, write_config):
     from safetensors.torch import load_file
 
-    for name, model in (("plain", {}), ("swapped", {"swap_blocks": 2})):
-        cfg = train_config(tiny_flux, dataset, tmp_path / name, steps=4, model=model)
+    runs = (("plain", {}, {}), ("swapped", {"swap_blocks": 2}, {}),
+            ("offloaded", {"swap_blocks": 1}, {"gradient_checkpointing_cpu_offload": True}))
+    for name, model, train in runs:
+        cfg = train_config(tiny_flux, dataset, tmp_path / name, steps=4, model=model, train=train)
         assert cli.main([str(write_config(cfg, f"{name}.yaml"))]) == 0
     a = load_file(tmp_path / "plain" / "test_lora" / "test_lora.safetensors")
-    b = load_file(tmp_path / "swapped" / "test_lora" / "test_lora.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("swapped", "offloaded"):
+        b = load_file(tmp_path / name / "test_lora" / "test_lora.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 @pytest.mark.parametrize("key", [{"model": {"swap_blocks": 1}}, {"train": {"gradient_checkpointing_cpu_offload": True}}])
