@@ -106,6 +106,9 @@ def main():
     ap.add_argument("--sdpa", choices=["default", "cudnn"], default="default", help="cudnn: prefer cuDNN attention")
     ap.add_argument("--steps", type=int, default=8, help="timed steps (after 4 warm-up steps; 2 for video)")
     ap.add_argument("--whole", type=int, help="override how many blocks run unchecked (the plan's whole_blocks)")
+    ap.add_argument("--keep-attention", action="store_true",
+                    help="train.gradient_checkpointing_keep_attention (the blocks then run uncompiled)")
+    ap.add_argument("--eager", action="store_true", help="no regional compile")
     ap.add_argument("--fp8mm", action="store_true", help="float8 base with fp8 matmuls (model.float8_matmul)")
     ap.add_argument("--small", action="store_true")
     args = ap.parse_args()
@@ -179,13 +182,13 @@ def main():
         p.data = p.data.to(dev)
     block_modules = [b for n in arch.block_lists for b in getattr(model, n)]
     if plan.checkpointing or swap or offload:  # block swap and offloading need checkpointing
-        enable_checkpointing(model, block_modules[:whole], offload=offload)
+        enable_checkpointing(model, block_modules[:whole], offload=offload, keep_attention=args.keep_attention)
     if swap:
         from eridiffusion.train.offload import BlockSwap
 
         BlockSwap(block_modules, swap, dev).attach()
     model.train()
-    if cuda:
+    if cuda and not (args.eager or args.keep_attention):  # as the trainer: kept attention runs uncompiled
         compile_denoiser(model, block_modules)
     opt = build_optimizer("adamw", params, 1e-4, {})
     stepper = Stepper(arch, params, opt, build_scheduler("constant", opt, {}, 100), dtype=torch.bfloat16,
@@ -224,7 +227,8 @@ def main():
         losses, seconds = [], float("nan")
     key = f"{args.arch}_{args.video if video else 'bs1'}_cap{args.cap:g}" + (f"_{args.storage}" if args.storage else "") + \
         (f"_swap{args.swap}" if args.swap is not None else "") + (f"_offload{args.offload}" if args.offload else "") + (f"_whole{args.whole}" if args.whole is not None else "") + \
-        ("_cudnn" if args.sdpa == "cudnn" else "") + ("_fp8mm" if args.fp8mm else "")
+        ("_cudnn" if args.sdpa == "cudnn" else "") + ("_fp8mm" if args.fp8mm else "") + \
+        ("_keepattn" if args.keep_attention else "") + ("_eager" if args.eager else "")
     result = {key: {"step_s": round(seconds / args.steps, 4), "oom": oom, "offload": offload, "whole": whole, "tokens": tokens,
                     "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                     "n_lora": sum(p.numel() for p in params), "lora_layers": len(names), "warmup_losses": [round(x, 4) for x in losses],

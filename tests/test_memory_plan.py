@@ -11,7 +11,8 @@ from eridiffusion.archs.blockwise import block_units
 from eridiffusion.archs.flux import Flux
 from eridiffusion.archs.flux.formats import known_flux_configs
 from eridiffusion.config import parse_config
-from eridiffusion.train.memory import ModelSize, estimate, lora_state_bytes, make_plan, swap_request
+from eridiffusion.train.memory import _ATTENTION_OPS, ModelSize, estimate, lora_state_bytes, make_plan, swap_request
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .conftest import train_config
 
@@ -117,30 +118,46 @@ def test_wan14b_long_clip_plan_keeps_block_inputs_in_host_memory():
     assert not short.offload_activations and short.storage == "float8" and short.expected_peak <= 22.5 * GIB
 
 
-@pytest.mark.parametrize("whole,offload", [(1, False), (0, True)])
-def test_blocks_kept_whole_or_offloaded_give_the_same_gradients(tiny_flux, whole, offload):
-    """Checkpointing all blocks, all but the first, or all with their inputs in host memory: the same LoRA gradients,
-    bit for bit."""
+class AttentionCount(TorchDispatchMode):
+    """Counts the attention kernels that run (a kept output served from selective checkpointing's cache never
+    reaches this mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func in _ATTENTION_OPS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("whole,offload,keep", [(1, False, False), (0, True, False), (0, False, True)])
+def test_blocks_kept_whole_offloaded_or_keeping_attention_give_the_same_gradients(tiny_flux, whole, offload, keep):
+    """Checkpointing all blocks, all but the first, all with their inputs in host memory, or all keeping their
+    attention outputs: the same LoRA gradients, bit for bit; kept attention runs once per block, not twice."""
     from eridiffusion.adapters import LoraSpec, inject_lora
     from eridiffusion.train.memory import enable_checkpointing
 
     from .test_quant import inputs
 
-    grads = []
-    for whole, offload in ((0, False), (whole, offload)):
+    grads, attention = [], []
+    for whole, offload, keep in ((0, False, False), (whole, offload, keep)):
         model = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer", local_files_only=True).train()
         params = inject_lora(model, [n for n, m in model.named_modules() if n.endswith("attn.to_q")], LoraSpec(rank=4, alpha=4), seed=0)
         for p in params:  # B starts at zero: give the LoRA something to pass on
             torch.nn.init.normal_(p.data, std=0.1, generator=torch.Generator().manual_seed(p.numel()))
         blocks = [model.get_submodule(b) for b in block_units(model, Flux.block_lists)]
-        enable_checkpointing(model, whole=blocks[:whole], offload=offload)
+        enable_checkpointing(model, whole=blocks[:whole], offload=offload, keep_attention=keep)
         runs = {0: 0, -1: 0}  # a checkpointed block runs twice (forward, recompute), a whole one once
         for i in runs:
             blocks[i].register_forward_pre_hook(lambda m, a, i=i: runs.__setitem__(i, runs[i] + 1))
-        model(**inputs())[0].square().mean().backward()
+        with AttentionCount() as count:
+            model(**inputs())[0].square().mean().backward()
         assert runs == {0: 1 if whole else 2, -1: 2}
         grads.append([p.grad for p in params])
+        attention.append(count.n)
     assert all(torch.equal(a, b) for a, b in zip(*grads)) and any(g.abs().sum() > 0 for g in grads[0])
+    assert attention == [2 * len(blocks), len(blocks) if keep else 2 * len(blocks) - whole]
 
 
 def test_swap_keys(tiny_flux, dataset, tmp_path):
@@ -159,17 +176,19 @@ def test_block_swap_and_offloaded_inputs_runs_match_a_plain_run(tiny_flux, datas
     from safetensors.torch import load_file
 
     runs = (("plain", {}, {}), ("swapped", {"swap_blocks": 2}, {}),
-            ("offloaded", {"swap_blocks": 1}, {"gradient_checkpointing_cpu_offload": True}))
+            ("offloaded", {"swap_blocks": 1}, {"gradient_checkpointing_cpu_offload": True}),
+            ("kept", {}, {"gradient_checkpointing_keep_attention": True}))
     for name, model, train in runs:
         cfg = train_config(tiny_flux, dataset, tmp_path / name, steps=4, model=model, train=train)
         assert cli.main([str(write_config(cfg, f"{name}.yaml"))]) == 0
     a = load_file(tmp_path / "plain" / "test_lora" / "test_lora.safetensors")
-    for name in ("swapped", "offloaded"):
+    for name in ("swapped", "offloaded", "kept"):
         b = load_file(tmp_path / name / "test_lora" / "test_lora.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-@pytest.mark.parametrize("key", [{"model": {"swap_blocks": 1}}, {"train": {"gradient_checkpointing_cpu_offload": True}}])
+@pytest.mark.parametrize("key", [{"model": {"swap_blocks": 1}}, {"train": {"gradient_checkpointing_cpu_offload": True}},
+                                 {"train": {"gradient_checkpointing_keep_attention": True}}])
 def test_block_swap_or_offload_without_checkpointing_is_a_clear_error(tiny_flux, dataset, tmp_path, write_config, capsys, key):
     cfg = train_config(tiny_flux, dataset, tmp_path / "o", model=key.get("model", {}),
                        train={"gradient_checkpointing": False, **key.get("train", {})})
@@ -197,3 +216,10 @@ def test_hidream_plan_for_a_24gb_card_keeps_every_block_checkpointed():
     assert (plan.storage, plan.swap_blocks, plan.checkpointing, plan.whole_blocks) == ("float8", 0, True, 0)
     assert 18.57 <= plan.expected_peak / GIB <= 18.57 * 1.15 + 0.5
     assert make_plan(size, **kw(size, 24)).whole_blocks > 0  # what the estimate alone would have kept whole
+
+
+def test_kept_attention_with_compile_is_a_clear_error(tiny_flux, dataset, tmp_path, write_config, capsys):
+    cfg = train_config(tiny_flux, dataset, tmp_path / "o", model={"compile": True},
+                       train={"gradient_checkpointing_keep_attention": True})
+    assert cli.main([str(write_config(cfg))]) == 1
+    assert "model.compile: false" in capsys.readouterr().err

@@ -299,6 +299,9 @@ class TrainConfig(Section):
     # EriDiffusion's (musubi-tuner's name): the inputs checkpointed blocks keep for their recompute wait in host
     # memory until backward (long video clips, whose saved inputs alone outgrow a 24 GB card)
     gradient_checkpointing_cpu_offload: bool = False
+    # EriDiffusion's: checkpointed blocks keep their attention outputs, so the recompute in backward skips attention
+    # (one more activation per attention call; for long sequences, where attention dominates the step)
+    gradient_checkpointing_keep_attention: bool = False
     gradient_accumulation: int = Field(1, ge=1)  # effective value, after merging the legacy key
     gradient_accumulation_steps: int = 1  # legacy spelling
     max_grad_norm: float = Field(1.0, ge=0)

@@ -330,20 +330,27 @@ class Run:
         for p in self.params:  # LoRA of blocks kept in host memory (block swap) still trains on the device
             p.data = p.data.to(self.device)
         checkpointing = self.memory_plan.checkpointing if self.memory_plan else tc.gradient_checkpointing
-        if tc.gradient_checkpointing_cpu_offload and not tc.gradient_checkpointing:
-            raise ValueError("train.gradient_checkpointing_cpu_offload keeps checkpointed blocks' inputs in host memory: "
-                             "it needs train.gradient_checkpointing: true")
+        for key in ("gradient_checkpointing_cpu_offload", "gradient_checkpointing_keep_attention"):
+            if getattr(tc, key) and not tc.gradient_checkpointing:
+                raise ValueError(f"train.{key} changes what checkpointed blocks keep: it needs train.gradient_checkpointing: true")
         if checkpointing:
             plan = self.memory_plan
             enable_checkpointing(self.arch.denoiser, whole=blocks[:plan.whole_blocks if plan else 0],
-                                 offload=plan.offload_activations if plan else tc.gradient_checkpointing_cpu_offload)
+                                 offload=plan.offload_activations if plan else tc.gradient_checkpointing_cpu_offload,
+                                 keep_attention=tc.gradient_checkpointing_keep_attention)
         self.block_swap = None
         if self.base.swap_blocks:
             from .offload import BlockSwap
 
             self.block_swap = BlockSwap(blocks, self.base.swap_blocks, self.device)
             self.block_swap.attach()
-        if want_compile(proc.model.compile, self.device):
+        if want_compile(proc.model.compile, self.device) and checkpointing and tc.gradient_checkpointing_keep_attention:
+            # a compiled block's recompute does not replay the ops selective checkpointing cached (torch 2.13 raises)
+            if proc.model.compile:
+                raise ValueError("train.gradient_checkpointing_keep_attention runs the blocks uncompiled: set "
+                                 "model.compile: false (or leave it unset), or remove the key")
+            print("train.gradient_checkpointing_keep_attention: the blocks run uncompiled")
+        elif want_compile(proc.model.compile, self.device):
             compile_denoiser(self.arch.denoiser, blocks)
         self.train_mode(True)
         # optimizer_state_device: cpu moves the state off the GPU; a CPU run keeps it in host memory anyway
@@ -456,6 +463,7 @@ class Run:
         frames = max(1 + max(0, ds.num_frames - first) // step for ds in proc.datasets)
         tokens = max(r for ds in proc.datasets for r in ds.resolution) ** 2 // 256 * frames + 512  # latent patches + text
         kw = dict(budget=budget, tokens=tokens, batch=proc.train.batch_size,
+                  keep_attention=proc.train.gradient_checkpointing_keep_attention,
                   # a full fine-tune holds weights, gradients and AdamW moments of every parameter (~12 bytes each;
                   # ~4 with the moments in host memory)
                   lora_bytes=lora_state_bytes(size, proc.network.linear) if proc.network else

@@ -2,12 +2,14 @@
 `train.memory: auto`, the fastest settings whose estimated peak fits the free GPU memory."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.utils.checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from ..archs.blockwise import FrozenBase
 from ..quant import BYTES_PER_WEIGHT, Quantizer, excluded, gib, storage_of, text_encoder_bits_qtype
@@ -29,6 +31,7 @@ CANDIDATES = ((None, False, False, False), (None, True, False, False), ("float8"
               ("float8", True, False, False), ("float8", True, True, False), ("float8", True, True, True),
               ("nf4", True, False, False), ("nf4", True, True, False), ("nf4", True, True, True))
 OFFLOAD_IN_FLIGHT = 2  # offloaded block inputs on the GPU at a time: one being copied out or back, one in use
+KEPT_ATTENTION_PER_BLOCK = 2.0  # attention outputs a checkpointed block keeps with keep_attention (self + cross)
 
 
 @dataclass
@@ -88,9 +91,11 @@ class ModelSize:
 
 
 def estimate(size: ModelSize, storage: str | None, swap: int, checkpointing: bool, *, budget: float, tokens: int,
-             batch: int, lora_bytes: float, whole: int = 0, fp8_matmul: bool = False, offload: bool = False) -> Plan:
+             batch: int, lora_bytes: float, whole: int = 0, fp8_matmul: bool = False, offload: bool = False,
+             keep_attention: bool = False) -> Plan:
     """The expected peak of one training step with these settings (`whole`: checkpointed but for the first
-    `whole` blocks; `offload`: the checkpointed blocks' inputs kept in host memory)."""
+    `whole` blocks; `offload`: the checkpointed blocks' inputs kept in host memory; `keep_attention`: their
+    attention outputs kept on the GPU)."""
     act_unit = tokens * batch * size.width * 2.0
     n = len(size.blocks)
     offload = offload and checkpointing and n > 0
@@ -98,7 +103,8 @@ def estimate(size: ModelSize, storage: str | None, swap: int, checkpointing: boo
         acts = act_unit * (WHOLE_MODEL_CHECKPOINTED if checkpointing else WHOLE_MODEL_UNCHECKPOINTED)
     elif checkpointing:
         saved = min(OFFLOAD_IN_FLIGHT, n - whole) if offload else n - whole
-        acts = act_unit * (SAVED_PER_BLOCK * saved + UNCHECKPOINTED_PER_BLOCK * whole + WORKING_SET)
+        kept = KEPT_ATTENTION_PER_BLOCK * (n - whole) if keep_attention else 0.0
+        acts = act_unit * (SAVED_PER_BLOCK * saved + kept + UNCHECKPOINTED_PER_BLOCK * whole + WORKING_SET)
     else:
         acts = act_unit * (UNCHECKPOINTED_PER_BLOCK * n + WORKING_SET)
     units = set(size.unit_linear) | set(size.unit_other)
@@ -112,11 +118,12 @@ def estimate(size: ModelSize, storage: str | None, swap: int, checkpointing: boo
 
 
 def make_plan(size: ModelSize, *, budget: float, tokens: int, batch: int, lora_bytes: float,
-              candidates=CANDIDATES, fp8_matmul: bool = False, keep_whole: bool = True) -> Plan:
+              candidates=CANDIDATES, fp8_matmul: bool = False, keep_whole: bool = True, keep_attention: bool = False) -> Plan:
     """The first candidate whose estimated peak fits, with as few swapped blocks as fit; a checkpointed plan
     without swap then keeps as many blocks whole as still fit (each one less recompute: ~1 % of a 57-block step),
     unless `keep_whole` is false (an architecture whose unrecomputed blocks the estimate is not calibrated for)."""
-    kw = dict(budget=budget, tokens=tokens, batch=batch, lora_bytes=lora_bytes, fp8_matmul=fp8_matmul)
+    kw = dict(budget=budget, tokens=tokens, batch=batch, lora_bytes=lora_bytes, fp8_matmul=fp8_matmul,
+              keep_attention=keep_attention)
     tried = []
     for storage, ckpt, may_swap, *offload in candidates:
         offload = bool(offload and offload[0]) and bool(size.blocks)
@@ -163,23 +170,35 @@ def frozen_base(proc, arch_cls, device: torch.device, dtype: torch.dtype, fuse=N
                       fuse=fuse, quantize_on_cpu=m.low_vram or device.type == "cpu", float8_matmul=m.float8_matmul)
 
 
-def enable_checkpointing(model: torch.nn.Module, whole=(), offload: bool = False) -> None:
+def enable_checkpointing(model: torch.nn.Module, whole=(), offload: bool = False, keep_attention: bool = False) -> None:
     """diffusers' gradient checkpointing of every block, but for the blocks in `whole`: those keep their
     activations (more memory, no recompute), as many as the memory plan finds room for. With `offload` the
     inputs a checkpointed block keeps for its recompute wait in pinned host memory until backward: torch's
-    save_on_cpu packs exactly those, as checkpoint saves its inputs outside its own saved-tensor hooks."""
+    save_on_cpu packs exactly those, as checkpoint saves its inputs outside its own saved-tensor hooks. With
+    `keep_attention` a checkpointed block keeps its attention outputs (torch's selective checkpointing), so its
+    recompute skips the attention kernels: one activation more per attention call, for long sequences' costliest op."""
     whole = {id(b) for b in whole}
     pinned = torch.cuda.is_available()
+    kw = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _keep_attention)} if keep_attention else {}
 
     def run(block, *args):
         if id(block) in whole:
             return block(*args)
         if offload:
             with torch.autograd.graph.save_on_cpu(pin_memory=pinned):
-                return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
-        return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+                return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False, **kw)
+        return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False, **kw)
 
     model.enable_gradient_checkpointing(run)
+
+
+_ATTENTION_OPS = tuple(getattr(torch.ops.aten, name).default for name in (
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_flash_attention_for_cpu") if hasattr(torch.ops.aten, name))
+
+
+def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def swap_request(proc, n_blocks: int) -> int:
