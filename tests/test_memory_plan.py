@@ -11,7 +11,7 @@ from eridiffusion.archs.blockwise import block_units
 from eridiffusion.archs.flux import Flux
 from eridiffusion.archs.flux.formats import known_flux_configs
 from eridiffusion.config import parse_config
-from eridiffusion.train.memory import _ATTENTION_OPS, ModelSize, estimate, lora_state_bytes, make_plan, swap_request
+from eridiffusion.train.memory import _ATTENTION_OPS, FULL_CANDIDATES, ModelSize, estimate, lora_state_bytes, make_plan, swap_request
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .conftest import train_config
@@ -197,7 +197,7 @@ def test_block_swap_or_offload_without_checkpointing_is_a_clear_error(tiny_flux,
 
 
 def test_plan_for_a_full_fine_tune_never_quantizes_or_swaps(flux_size):
-    plan = make_plan(flux_size, **kw(flux_size, 22.5), candidates=((None, False, False), (None, True, False)))
+    plan = make_plan(flux_size, **kw(flux_size, 22.5), candidates=FULL_CANDIDATES)
     assert plan.storage is None and plan.swap_blocks == 0 and "nothing fits" in plan.line()  # 12B weights alone: 22 GiB
 
 

@@ -22,8 +22,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="train on this many GPUs of this machine (starts torchrun with one process per GPU)")
     parser.add_argument("--version", action="version", version=f"eridiffusion {__version__}")
     args = parser.parse_args(argv)
-    # video buckets change the activations' sizes from step to step; expandable segments keep the freed memory
-    # usable (a 14B video transformer's step in a 24 GiB cap ran out of memory with 4.2 GiB reserved but unallocated without them).
+    # video buckets change the activations' sizes from step to step; expandable segments keep the freed memory usable
+    # (without them a 14B video transformer's step in a 24 GiB cap ran out with 4.2 GiB reserved but unallocated).
     # Read when CUDA first allocates, so set here, before any model is loaded; a user's own setting wins.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if args.gpus > 1 and "WORLD_SIZE" not in os.environ:

@@ -29,7 +29,8 @@ from .compile import compile_denoiser, want_compile
 from . import distributed
 from .distributed import Processes, data_parallel, no_sync
 from .dtypes import DTYPES, SAVE_DTYPES
-from .memory import ModelSize, enable_checkpointing, estimate, frozen_base, lora_state_bytes, make_plan, swap_request, usable_gpu_memory
+from .memory import (FULL_CANDIDATES, ModelSize, enable_checkpointing, estimate, frozen_base, lora_state_bytes, make_plan,
+                     swap_request, usable_gpu_memory)
 from .optim import PerParameterOptimizer, build_optimizer, build_scheduler
 from ..quant import gib
 
@@ -255,6 +256,9 @@ class Run:
         if unknown:  # a free-form section: keys no architecture reads must not pass silently
             raise ValueError(f"model.model_kwargs: {sorted(unknown)} not supported yet for {proc.model.arch_name} "
                              f"(known: {sorted(arch_cls.model_kwargs) or 'none'})")
+        for key in ("gradient_checkpointing_cpu_offload", "gradient_checkpointing_keep_attention"):
+            if getattr(tc, key) and not tc.gradient_checkpointing:
+                raise ValueError(f"train.{key} changes what checkpointed blocks keep: it needs train.gradient_checkpointing: true")
         for i, ds in enumerate(proc.datasets):
             if ds.do_i2v and not getattr(arch_cls, "first_frame_conditioned", False):
                 i2v = [name for name in ARCHS if getattr(get_arch_class(name), "first_frame_conditioned", False)]
@@ -330,9 +334,6 @@ class Run:
         for p in self.params:  # LoRA of blocks kept in host memory (block swap) still trains on the device
             p.data = p.data.to(self.device)
         checkpointing = self.memory_plan.checkpointing if self.memory_plan else tc.gradient_checkpointing
-        for key in ("gradient_checkpointing_cpu_offload", "gradient_checkpointing_keep_attention"):
-            if getattr(tc, key) and not tc.gradient_checkpointing:
-                raise ValueError(f"train.{key} changes what checkpointed blocks keep: it needs train.gradient_checkpointing: true")
         if checkpointing:
             plan = self.memory_plan
             enable_checkpointing(self.arch.denoiser, whole=blocks[:plan.whole_blocks if plan else 0],
@@ -344,14 +345,15 @@ class Run:
 
             self.block_swap = BlockSwap(blocks, self.base.swap_blocks, self.device)
             self.block_swap.attach()
-        if want_compile(proc.model.compile, self.device) and checkpointing and tc.gradient_checkpointing_keep_attention:
-            # a compiled block's recompute does not replay the ops selective checkpointing cached (torch 2.13 raises)
-            if proc.model.compile:
-                raise ValueError("train.gradient_checkpointing_keep_attention runs the blocks uncompiled: set "
-                                 "model.compile: false (or leave it unset), or remove the key")
-            print("train.gradient_checkpointing_keep_attention: the blocks run uncompiled")
-        elif want_compile(proc.model.compile, self.device):
-            compile_denoiser(self.arch.denoiser, blocks)
+        if want_compile(proc.model.compile, self.device):
+            if checkpointing and tc.gradient_checkpointing_keep_attention:
+                # a compiled block's recompute does not replay the ops selective checkpointing cached (torch 2.13 raises)
+                if proc.model.compile:
+                    raise ValueError("train.gradient_checkpointing_keep_attention runs the blocks uncompiled: set "
+                                     "model.compile: false (or leave it unset), or remove the key")
+                print("train.gradient_checkpointing_keep_attention: the blocks run uncompiled")
+            else:
+                compile_denoiser(self.arch.denoiser, blocks)
         self.train_mode(True)
         # optimizer_state_device: cpu moves the state off the GPU; a CPU run keeps it in host memory anyway
         self.state_on_host = tc.optimizer_state_device == "cpu" and self.device.type == "cuda"
@@ -469,12 +471,12 @@ class Run:
                   lora_bytes=lora_state_bytes(size, proc.network.linear) if proc.network else
                   (4.0 if proc.train.optimizer_state_device == "cpu" else 12.0) *
                   sum([*size.unit_linear.values(), *size.unit_other.values()]))
-        if auto:  # a full fine-tune trains the weights themselves: neither quantized nor swapped
+        if auto:
             # a float8 base multiplies on fp8 tensor cores where the GPU has them (Ada, Hopper): measured 0.62x the
             # weight-only float8 step of a 14B video transformer, 0.76-0.81x of a 17B MoE one, output error 0.023 on a 12B one
             fp8 = base.float8_matmul or (torch.cuda.get_device_capability(self.device) >= (8, 9) and not self.full)
             plan = make_plan(size, **kw, fp8_matmul=fp8, keep_whole=getattr(self.arch, "plan_whole_blocks", True),
-                             **({"candidates": ((None, False, False), (None, True, False))} if self.full else {}))
+                             **({"candidates": FULL_CANDIDATES} if self.full else {}))
             if fp8 and plan.storage == "float8" and not base.float8_matmul:
                 base.float8_matmul = True
                 plan.notes.append("fp8 matmuls on the float8 base (model.float8_matmul)")

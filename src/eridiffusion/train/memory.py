@@ -2,6 +2,7 @@
 `train.memory: auto`, the fastest settings whose estimated peak fits the free GPU memory."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -30,6 +31,7 @@ RESERVE = 1.5 * 2**30  # CUDA context, cuBLAS workspaces, allocator fragmentatio
 CANDIDATES = ((None, False, False, False), (None, True, False, False), ("float8", False, False, False),
               ("float8", True, False, False), ("float8", True, True, False), ("float8", True, True, True),
               ("nf4", True, False, False), ("nf4", True, True, False), ("nf4", True, True, True))
+FULL_CANDIDATES = CANDIDATES[:2]  # a full fine-tune trains the weights themselves: neither quantized nor swapped
 OFFLOAD_IN_FLIGHT = 2  # offloaded block inputs on the GPU at a time: one being copied out or back, one in use
 KEPT_ATTENTION_PER_BLOCK = 2.0  # attention outputs a checkpointed block keeps with keep_attention (self + cross)
 
@@ -125,10 +127,7 @@ def make_plan(size: ModelSize, *, budget: float, tokens: int, batch: int, lora_b
     kw = dict(budget=budget, tokens=tokens, batch=batch, lora_bytes=lora_bytes, fp8_matmul=fp8_matmul,
               keep_attention=keep_attention)
     tried = []
-    for storage, ckpt, may_swap, *offload in candidates:
-        offload = bool(offload and offload[0]) and bool(size.blocks)
-        if offload and not ckpt:
-            continue
+    for storage, ckpt, may_swap, offload in candidates:
         for swap in range(1 if may_swap and not offload else 0, len(size.blocks) + 1 if may_swap else 1):
             plan = estimate(size, storage, swap, ckpt, offload=offload, **kw)
             if plan.expected_peak <= budget:
@@ -184,10 +183,8 @@ def enable_checkpointing(model: torch.nn.Module, whole=(), offload: bool = False
     def run(block, *args):
         if id(block) in whole:
             return block(*args)
-        if offload:
-            with torch.autograd.graph.save_on_cpu(pin_memory=pinned):
-                return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False, **kw)
-        return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False, **kw)
+        with torch.autograd.graph.save_on_cpu(pin_memory=pinned) if offload else contextlib.nullcontext():
+            return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False, **kw)
 
     model.enable_gradient_checkpointing(run)
 
