@@ -6,7 +6,7 @@ Linear names as ../shared/bench/reference_step.py (its sd35l_bs1_ckpt and hidrea
 lacks, on flux_bs1_ckpt's names, to set beside that case): run both in one device call and compare ratios.
 
   PYTHONPATH=src python3 bench/arch_step.py {sd3|chroma|hidream} [--cap GIB] [--storage float8|none] [--swap K]
-  PYTHONPATH=src python3 bench/arch_step.py {wan13b|wan14b} [--video 832x480x81] [--offload on|off] [--sdpa cudnn]
+  PYTHONPATH=src python3 bench/arch_step.py {wan13b|wan14b} [--video 832x480x81] [--offload on|off] [--attention _native_flash]
   PYTHONPATH=src python3 bench/arch_step.py hidream --small    # the same classes a few widths wide, on the CPU
 
 `--storage` / `--swap` override the plan's choice. Prints one JSON line: s/step (mean of 8 after 4 warm-up steps),
@@ -27,13 +27,13 @@ from eridiffusion.config import parse_config
 from eridiffusion.data import Batch
 from eridiffusion.objectives.flow import FlowShift
 from eridiffusion.quant import Quantizer
+from eridiffusion.train.attention import attention_kernels, choose_attention
 from eridiffusion.train.compile import compile_denoiser
 from eridiffusion.train.loop import Stepper
 from eridiffusion.train.memory import ModelSize, enable_checkpointing, lora_state_bytes, make_plan, usable_gpu_memory
 from eridiffusion.train.optim import build_optimizer, build_scheduler
 
 torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention backward fails on Flux shapes (torch 2.11 + CUDA 13)
 
 # reference_step.py's LoRA targets per case (Chroma: its flux case's)
 TARGETS = {
@@ -103,7 +103,7 @@ def main():
     ap.add_argument("--swap", type=int, help="override the plan's swapped block count")
     ap.add_argument("--offload", choices=["on", "off"], help="override the plan's checkpointed-input offloading")
     ap.add_argument("--video", default="832x480x81", help="video cases: WIDTHxHEIGHTxFRAMES")
-    ap.add_argument("--sdpa", choices=["default", "cudnn"], default="default", help="cudnn: prefer cuDNN attention")
+    ap.add_argument("--attention", default="native", help="train.attention_backend (native: cuDNN's kernel first on sm90+)")
     ap.add_argument("--steps", type=int, default=8, help="timed steps (after 4 warm-up steps; 2 for video)")
     ap.add_argument("--whole", type=int, help="override how many blocks run unchecked (the plan's whole_blocks)")
     ap.add_argument("--keep-attention", action="store_true",
@@ -160,10 +160,6 @@ def main():
     torch.set_default_dtype(torch.float32)
     finish_loaded(model, base, arch.block_lists)  # quantized in place, swapped blocks to host memory
     arch.base = base
-    if args.arch == "hidream":
-        from eridiffusion.archs.hidream.moe import sort_routed_experts
-
-        sort_routed_experts(model)  # as its load_denoiser() does
     if args.arch == "hidream" or video:  # (their load() builds the pipeline; these are what training reads)
         arch.transformer = arch.denoiser = model
         arch.shift, arch.vae_scale_factor = FlowShift(shift=3.0), 8
@@ -181,6 +177,7 @@ def main():
     for p in params:
         p.data = p.data.to(dev)
     block_modules = [b for n in arch.block_lists for b in getattr(model, n)]
+    attention = choose_attention(args.attention, dev, getattr(arch, "attention_kernel", None))
     if plan.checkpointing or swap or offload:  # block swap and offloading need checkpointing
         enable_checkpointing(model, block_modules[:whole], offload=offload, keep_attention=args.keep_attention)
     if swap:
@@ -189,7 +186,7 @@ def main():
         BlockSwap(block_modules, swap, dev).attach()
     model.train()
     if cuda and not (args.eager or args.keep_attention):  # as the trainer: kept attention runs uncompiled
-        compile_denoiser(model, block_modules)
+        compile_denoiser(model, block_modules, attention=attention)
     opt = build_optimizer("adamw", params, 1e-4, {})
     stepper = Stepper(arch, params, opt, build_scheduler("constant", opt, {}, 100), dtype=torch.bfloat16,
                       max_grad_norm=1.0, generator=torch.Generator(dev).manual_seed(0))
@@ -197,18 +194,8 @@ def main():
                   crop_top_lefts=[(0, 0)], target_sizes=[(1024, 1024)], paths=[], loss_weights=torch.ones(1))
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-    if args.sdpa == "cudnn":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        torch.backends.cuda.enable_cudnn_sdp(True)
-        attention = lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True)
-    else:
-        import contextlib
-
-        attention = contextlib.nullcontext
-
     def timed():
-        with attention():
+        with attention_kernels(attention):
             losses = [float(stepper.step([batch])) for _ in range(2 if video else 4)]
             sync()
             if cuda:
@@ -227,7 +214,7 @@ def main():
         losses, seconds = [], float("nan")
     key = f"{args.arch}_{args.video if video else 'bs1'}_cap{args.cap:g}" + (f"_{args.storage}" if args.storage else "") + \
         (f"_swap{args.swap}" if args.swap is not None else "") + (f"_offload{args.offload}" if args.offload else "") + (f"_whole{args.whole}" if args.whole is not None else "") + \
-        ("_cudnn" if args.sdpa == "cudnn" else "") + ("_fp8mm" if args.fp8mm else "") + \
+        f"_{attention}" + ("_fp8mm" if args.fp8mm else "") + \
         ("_keepattn" if args.keep_attention else "") + ("_eager" if args.eager else "")
     result = {key: {"step_s": round(seconds / args.steps, 4), "oom": oom, "offload": offload, "whole": whole, "tokens": tokens,
                     "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,

@@ -26,13 +26,13 @@ from eridiffusion.archs.blockwise import FrozenBase, finish_loaded
 from eridiffusion.quant import Quantizer, relative_error
 from eridiffusion.config import parse_config
 from eridiffusion.data import Batch
+from eridiffusion.train.attention import attention_kernels, choose_attention
 from eridiffusion.train.compile import compile_denoiser, want_compile
 from eridiffusion.train.loop import Stepper
 from eridiffusion.train.memory import enable_checkpointing
 from eridiffusion.train.optim import build_optimizer, build_scheduler
 
 torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention backward fails on Flux shapes (torch 2.11 + CUDA 13)
 
 
 def build(arch_name, arch, dev, bs, finish=True, small=False):
@@ -88,15 +88,11 @@ def main():
     ap.add_argument("--error", action="store_true")
     ap.add_argument("--fp8mm", action="store_true", help="model.float8_matmul (with --qtype float8)")
     ap.add_argument("--profile", action="store_true", help="print the GPU kernels of one step, most time first")
-    ap.add_argument("--cudnn", action="store_true", help="allow cuDNN's attention (off by default here)")
+    ap.add_argument("--attention", default="native", help="train.attention_backend (native: cuDNN's kernel first on sm90+)")
     ap.add_argument("--keep", type=int, default=0, help="blocks left whole (not checkpointed), the first K")
     ap.add_argument("--no-ckpt", action="store_true", help="no gradient checkpointing")
     args = ap.parse_args()
     dev = torch.device("cuda")
-    torch.backends.cuda.enable_cudnn_sdp(args.cudnn)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = [SDPBackend.CUDNN_ATTENTION] * args.cudnn + [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     if args.cap:
         torch.cuda.set_per_process_memory_fraction(args.cap * 2**30 / torch.cuda.get_device_properties(dev).total_memory)
     cfg = {"job": "extension", "config": {"name": "bench", "process": [{
@@ -123,6 +119,7 @@ def main():
         del outputs
     else:
         model, batch = build(args.arch, arch, dev, args.bs)
+    attention = choose_attention(args.attention, dev, getattr(arch, "attention_kernel", None))
     params = []
     for t in arch.lora_components(transformer_only=True, train_text_encoder=False).values():
         params += inject_lora(t.module, t.linear, LoraSpec(rank=16, alpha=16), seed=0)
@@ -138,12 +135,12 @@ def main():
     model.train()
     compiled = want_compile(False if args.eager else None, dev)
     if compiled:
-        compile_denoiser(model)
+        compile_denoiser(model, attention=attention)
     opt = build_optimizer("adamw", params, 1e-4, {})
     stepper = Stepper(arch, params, opt, build_scheduler("constant", opt, {}, 100), dtype=torch.bfloat16,
                       max_grad_norm=1.0, generator=torch.Generator(dev).manual_seed(0))
     def step():
-        with sdpa_kernel(order, set_priority=True):  # --cudnn: cuDNN's attention first
+        with attention_kernels(attention):
             stepper.step([batch])
 
     for _ in range(4 if compiled else 2):
@@ -155,7 +152,7 @@ def main():
         step()
     torch.cuda.synchronize()
     key = (f"{args.arch}_bs{args.bs}" + ("" if compiled else "_eager") + (f"_{args.qtype}" if args.qtype else "") + ("_fp8mm" if args.fp8mm else "")
-           + (f"_swap{args.swap}" if args.swap else "") + (f"_keep{args.keep}" if args.keep else "") + ("_cudnn" if args.cudnn else "")
+           + (f"_swap{args.swap}" if args.swap else "") + (f"_keep{args.keep}" if args.keep else "") + f"_{attention}"
            + ("_nockpt" if args.no_ckpt else "") + (f"_cap{args.cap:g}" if args.cap else ""))
     result = {key: {"step_s": round((time.perf_counter() - t) / 8, 4),
                     "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "n_lora": sum(p.numel() for p in params),

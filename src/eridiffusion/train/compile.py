@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from .attention import attention_kernels
+
 
 def want_compile(setting: bool | None, device: torch.device) -> bool:
     """`model.compile`, or when unset: on for CUDA where Triton is installed (~25% faster steps of a 12B transformer on an H100)."""
@@ -15,9 +17,10 @@ def want_compile(setting: bool | None, device: torch.device) -> bool:
     return device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
-def compile_denoiser(denoiser: torch.nn.Module, blocks=(), backend="inductor") -> None:
+def compile_denoiser(denoiser: torch.nn.Module, blocks=(), backend="inductor", attention="default") -> None:
     """Compile each of `blocks` (the architecture's repeated blocks), else the classes diffusers names in
-    `_repeated_blocks`, else the whole denoiser as one graph (some diffusers classes name none)."""
+    `_repeated_blocks`, else the whole denoiser as one graph (some diffusers classes name none), with SDPA trying
+    the `attention` kernel first (train/attention.py) inside the compiled graphs."""
     # Inductor's coalescing analysis asserted on the dynamic-shape graph of small buckets (torch 2.11, H100)
     torch._inductor.config.triton.coalesce_tiling_analysis = False
     names = set(getattr(denoiser, "_repeated_blocks", None) or ())
@@ -28,7 +31,7 @@ def compile_denoiser(denoiser: torch.nn.Module, blocks=(), backend="inductor") -
     for block in blocks:
         eager = block.forward
         # forward, not the whole module call: hooks (block swap) stay outside the compiled graph
-        compiled = torch.compile(_with_own_outputs(eager), backend=backend)
+        compiled = torch.compile(_with_own_outputs(eager, attention), backend=backend)
 
         def forward(*args, _compiled=compiled, _eager=eager, _block=block, **kwargs):
             if _block.__dict__.get("_eri_eager"):
@@ -47,11 +50,12 @@ def compile_denoiser(denoiser: torch.nn.Module, blocks=(), backend="inductor") -
         block.forward = forward
 
 
-def _with_own_outputs(fn):
+def _with_own_outputs(fn, attention="default"):
     # a block returning views of one tensor (a single-stream block splitting its output in two) breaks AOTAutograd
     # once weights are tensor subclasses (quantized); a copy of each output costs one activation's bandwidth
     def run(*args, **kwargs):
-        out = fn(*args, **kwargs)
+        with attention_kernels(attention):
+            out = fn(*args, **kwargs)
         if isinstance(out, tuple):
             return tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in out)
         return out

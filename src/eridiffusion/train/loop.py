@@ -25,6 +25,7 @@ from ..data import DataPipeline
 from ..sample import Previewer
 from . import checkpoint as ckpt
 from . import save_checks
+from .attention import BACKENDS, attention_kernels, choose_attention
 from .compile import compile_denoiser, want_compile
 from . import distributed
 from .distributed import Processes, data_parallel, no_sync
@@ -309,8 +310,11 @@ class Run:
             self.arch.load_denoiser()
             denoiser_loaded()
 
-        if tc.attention_backend != "native":
-            self.arch.denoiser.set_attention_backend(tc.attention_backend)
+        self.attention = choose_attention(tc.attention_backend, self.device, getattr(self.arch, "attention_kernel", None))
+        if self.attention != "default":
+            print(f"Attention: SDPA's {self.attention} kernel first (train.attention_backend: {tc.attention_backend})")
+        elif tc.attention_backend not in ("native", *(f"_native_{k}" for k in BACKENDS)):
+            self.arch.denoiser.set_attention_backend(tc.attention_backend)  # a kernel outside SDPA, through diffusers
         self.sharded = None
         blocks = [b for name in self.arch.block_lists for b in getattr(self.arch.denoiser, name)]
         if self.full:
@@ -353,7 +357,7 @@ class Run:
                                      "model.compile: false (or leave it unset), or remove the key")
                 print("train.gradient_checkpointing_keep_attention: the blocks run uncompiled")
             else:
-                compile_denoiser(self.arch.denoiser, blocks)
+                compile_denoiser(self.arch.denoiser, blocks, attention=self.attention)
         self.train_mode(True)
         # optimizer_state_device: cpu moves the state off the GPU; a CPU run keeps it in host memory anyway
         self.state_on_host = tc.optimizer_state_device == "cpu" and self.device.type == "cuda"
@@ -521,6 +525,10 @@ class Run:
 
     # ---- the loop ------------------------------------------------------------------------------
     def train(self) -> Path:
+        with attention_kernels(self.attention):  # for eager attention (samples, uncompiled blocks) and compiling
+            return self._train()
+
+    def _train(self) -> Path:
         tc, save_cfg, sample_cfg = self.proc.train, self.proc.save, self.proc.sample
         main, processes = self.processes.main, self.processes
         if main:  # one process writes the run folder

@@ -24,7 +24,6 @@ from ..common import (check_flow_model_keys, encode_latents, folder_fingerprint,
 from ..sources import find_tokenizer_files, resolve_folder
 from . import formats
 from .formats import BLOCK_LISTS
-from .moe import sort_routed_experts
 
 COMPONENTS = ["transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
               "tokenizer_3", "scheduler"]
@@ -44,6 +43,7 @@ class HiDream:
     quantize_exclude = ["x_embedder*", "t_embedder*", "p_embedder*", "final_layer*"]
     # T5 / Llama tokens (HiDreamImagePipeline's max_sequence_length, as ai-toolkit encodes); the Llama folder
     model_kwargs = {"max_text_length": 128, "llama_model_path": None}
+    attention_kernel = "flash"  # SDPA's kernel tried first (train/attention.py): cuDNN's measured slower here
 
     def __init__(self, proc, device: torch.device, dtype: torch.dtype):
         self.model_cfg, self.train_cfg = proc.model, proc.train
@@ -127,7 +127,6 @@ class HiDream:
                     HiDreamImageTransformer2DModel.load_config(main_root, subfolder="transformer", local_files_only=True))
             folder = main_root / "transformer"
             materialize(transformer, read_units(folder_readers(folder), BLOCK_LISTS), self.base, BLOCK_LISTS, str(folder))
-        sort_routed_experts(transformer)  # one host sync per MoE layer in training instead of eight
         self.transformer = self.denoiser = self.pipe.transformer = transformer
 
     def _llama_folder(self, root: Path) -> tuple[Path, Path]:

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# SDPA's cuDNN kernel first (train.attention_backend: native, on sm90+) against flash first (_native_flash), beside the
+# reference step in the same call (kind nvidia-h200). `bash bench/gpu_attn.sh PART`; set-up: bench/device_env.sh.
+. bench/device_env.sh
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+arch() { echo "== $*" >> $O/ours.log; timeout 170 python3 bench/arch_step.py "$@" >> $O/ours.log 2>&1; grep '^{\|out of memory\|Error' $O/ours.log | tail -1; }
+case "$1" in
+image)  # FLUX.1 and SDXL with their reference; SD 3.5 Large cuDNN against flash
+  timeout 200 python3 .whl/reference_step.py flux_bs1_ckpt sdxl_bs1_ckpt > $O/ref.log 2>&1; grep '^flux\|^sdxl' $O/ref.log
+  ours 130 flux --qtype float8 --fp8mm --keep 6 --cap 24 --error
+  ours 100 flux --qtype float8 --fp8mm --keep 6 --cap 24 --attention _native_flash
+  ours 80 sdxl --no-ckpt
+  ours 80 sdxl --no-ckpt --attention _native_flash
+  arch sd3 --cap 24
+  ;;
+moe)  # HiDream-I1 and Chroma with their reference
+  timeout 200 python3 .whl/reference_step.py hidream_bs1_ckpt > $O/ref.log 2>&1; grep '^hidream' $O/ref.log
+  timeout 120 python3 bench/reference_chroma.py .whl/reference_step.py >> $O/ref.log 2>&1; grep '^{' $O/ref.log | tail -1
+  arch hidream --cap 24 --fp8mm
+  arch chroma --cap 24 --fp8mm
+  ;;
+hidream)  # HiDream-I1 (sorted MoE outside compile) with its reference, cuDNN first against flash first
+  timeout 200 python3 .whl/reference_step.py hidream_bs1_ckpt > $O/ref.log 2>&1; grep '^hidream' $O/ref.log
+  arch hidream --cap 24 --fp8mm
+  arch hidream --cap 24 --fp8mm --attention _native_flash
+  ;;
+esac
