@@ -11,7 +11,8 @@ from eridiffusion.archs.blockwise import block_units
 from eridiffusion.archs.flux import Flux
 from eridiffusion.archs.flux.formats import known_flux_configs
 from eridiffusion.config import parse_config
-from eridiffusion.train.memory import _ATTENTION_OPS, FULL_CANDIDATES, ModelSize, estimate, lora_state_bytes, make_plan, swap_request
+from eridiffusion.train.memory import (_ATTENTION_OPS, FULL_CANDIDATES, ModelSize, estimate, lora_state_bytes, make_plan,
+                                       quantized_candidates, swap_request)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .conftest import train_config
@@ -199,6 +200,21 @@ def test_block_swap_or_offload_without_checkpointing_is_a_clear_error(tiny_flux,
 def test_plan_for_a_full_fine_tune_never_quantizes_or_swaps(flux_size):
     plan = make_plan(flux_size, **kw(flux_size, 22.5), candidates=FULL_CANDIDATES)
     assert plan.storage is None and plan.swap_blocks == 0 and "nothing fits" in plan.line()  # 12B weights alone: 22 GiB
+
+
+def test_plan_keeps_the_quantization_the_config_asks_for(flux_size):
+    """model.quantize: true with train.memory: auto (ai-toolkit's 24 GB examples set quantize): the base stays
+    quantized where bf16 would fit, and the room saved keeps more blocks whole; nf4 asked for is never widened."""
+    wide = make_plan(flux_size, **kw(flux_size, 40), fp8_matmul=True)
+    assert wide.storage is None
+    kept = make_plan(flux_size, **kw(flux_size, 40), fp8_matmul=True, candidates=quantized_candidates("float8"))
+    assert kept.storage == "float8" and kept.swap_blocks == 0 and kept.expected_peak <= 40 * GIB
+    assert kept.whole_blocks > wide.whole_blocks or not kept.checkpointing
+    assert make_plan(flux_size, **kw(flux_size, 40), candidates=quantized_candidates("nf4")).storage == "nf4"
+    # int8 asked for: the plan may pick float8 (the same bits, the faster kernels) or nf4 to fit, never bf16
+    assert {c[0] for c in quantized_candidates("int8")} == {"float8", "nf4"}
+    tight = make_plan(flux_size, **kw(flux_size, 8), candidates=quantized_candidates("float8"))
+    assert tight.storage in ("float8", "nf4") and tight.swap_blocks > 0
 
 
 def test_hidream_plan_for_a_24gb_card_keeps_every_block_checkpointed():

@@ -30,8 +30,8 @@ from .compile import compile_denoiser, want_compile
 from . import distributed
 from .distributed import Processes, data_parallel, no_sync
 from .dtypes import DTYPES, SAVE_DTYPES
-from .memory import (FULL_CANDIDATES, ModelSize, enable_checkpointing, estimate, frozen_base, lora_state_bytes, make_plan,
-                     swap_request, usable_gpu_memory)
+from .memory import (CANDIDATES, FULL_CANDIDATES, ModelSize, enable_checkpointing, estimate, frozen_base, lora_state_bytes,
+                     make_plan, quantized_candidates, swap_request, usable_gpu_memory)
 from .optim import PerParameterOptimizer, build_optimizer, build_scheduler
 from ..quant import gib
 
@@ -479,8 +479,10 @@ class Run:
             # a float8 base multiplies on fp8 tensor cores where the GPU has them (Ada, Hopper): measured 0.62x the
             # weight-only float8 step of a 14B video transformer, 0.76-0.81x of a 17B MoE one, output error 0.023 on a 12B one
             fp8 = base.float8_matmul or (torch.cuda.get_device_capability(self.device) >= (8, 9) and not self.full)
+            asked = base.quantizer.storage  # model.quantize: true stays quantized; the plan does the rest
+            candidates = FULL_CANDIDATES if self.full else quantized_candidates(asked) if asked else CANDIDATES
             plan = make_plan(size, **kw, fp8_matmul=fp8, keep_whole=getattr(self.arch, "plan_whole_blocks", True),
-                             **({"candidates": FULL_CANDIDATES} if self.full else {}))
+                             candidates=candidates)
             if fp8 and plan.storage == "float8" and not base.float8_matmul:
                 base.float8_matmul = True
                 plan.notes.append("fp8 matmuls on the float8 base (model.float8_matmul)")

@@ -143,6 +143,14 @@ def make_plan(size: ModelSize, *, budget: float, tokens: int, batch: int, lora_b
     return best
 
 
+def quantized_candidates(storage: str, candidates=CANDIDATES) -> tuple:
+    """The candidates left when the config asks for a quantized base (`model.quantize: true`): quantized ones, at
+    most as many bits per weight as `storage`. train.memory: auto then plans swap, checkpointing and the blocks kept
+    whole around the quantization asked for, rather than widening the base where bf16 would fit."""
+    bits = {"float8": 8, "int8": 8, "nf4": 4}
+    return tuple(c for c in candidates if c[0] is not None and bits[c[0]] <= bits[storage])
+
+
 def lora_state_bytes(size: ModelSize, rank: int, only_blocks: bool = True) -> float:
     """fp32 LoRA weights, gradients and two AdamW moments: 16 bytes per LoRA weight (an upper estimate:
     every Linear of the blocks, each side sqrt(n) wide as a square layer of its size would be)."""
