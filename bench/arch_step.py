@@ -30,7 +30,8 @@ from eridiffusion.quant import Quantizer
 from eridiffusion.train.attention import attention_kernels, choose_attention
 from eridiffusion.train.compile import compile_denoiser
 from eridiffusion.train.loop import Stepper
-from eridiffusion.train.memory import ModelSize, enable_checkpointing, lora_state_bytes, make_plan, usable_gpu_memory
+from eridiffusion.train.memory import (CANDIDATES, ModelSize, enable_checkpointing, lora_state_bytes, make_plan, quantized_candidates,
+                                       usable_gpu_memory)
 from eridiffusion.train.optim import build_optimizer, build_scheduler
 
 torch.backends.cuda.matmul.allow_tf32 = True
@@ -110,6 +111,7 @@ def main():
                     help="train.gradient_checkpointing_keep_attention (the blocks then run uncompiled)")
     ap.add_argument("--eager", action="store_true", help="no regional compile")
     ap.add_argument("--fp8mm", action="store_true", help="float8 base with fp8 matmuls (model.float8_matmul)")
+    ap.add_argument("--quantize", action="store_true", help="the plan for model.quantize: true (ai-toolkit's 24 GB examples)")
     ap.add_argument("--small", action="store_true")
     args = ap.parse_args()
     video = args.arch.startswith("wan")
@@ -145,7 +147,8 @@ def main():
     else:
         budget = args.cap * 2**30
     plan = make_plan(size, budget=budget, tokens=tokens, batch=1, lora_bytes=lora_state_bytes(size, 16),
-                     keep_whole=getattr(arch, "plan_whole_blocks", True), fp8_matmul=args.fp8mm)
+                     keep_whole=getattr(arch, "plan_whole_blocks", True), fp8_matmul=args.fp8mm,
+                     candidates=quantized_candidates("float8") if args.quantize else CANDIDATES)
     storage = plan.storage if args.storage is None else (None if args.storage == "none" else args.storage)
     swap = plan.swap_blocks if args.swap is None else args.swap
     offload = plan.offload_activations if args.offload is None else args.offload == "on"
@@ -215,7 +218,7 @@ def main():
     key = f"{args.arch}_{args.video if video else 'bs1'}_cap{args.cap:g}" + (f"_{args.storage}" if args.storage else "") + \
         (f"_swap{args.swap}" if args.swap is not None else "") + (f"_offload{args.offload}" if args.offload else "") + (f"_whole{args.whole}" if args.whole is not None else "") + \
         f"_{attention}" + ("_fp8mm" if args.fp8mm else "") + \
-        ("_keepattn" if args.keep_attention else "") + ("_eager" if args.eager else "")
+        ("_keepattn" if args.keep_attention else "") + ("_quantize" if args.quantize else "") + ("_eager" if args.eager else "")
     result = {key: {"step_s": round(seconds / args.steps, 4), "oom": oom, "offload": offload, "whole": whole, "tokens": tokens,
                     "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                     "n_lora": sum(p.numel() for p in params), "lora_layers": len(names), "warmup_losses": [round(x, 4) for x in losses],

@@ -19,6 +19,11 @@ moe)  # HiDream-I1 and Chroma with their reference
   arch hidream --cap 24 --fp8mm
   arch chroma --cap 24 --fp8mm
   ;;
+chroma)  # Chroma with its reference: the plan for ai-toolkit's example (quantize: true) against the bf16 plan
+  timeout 120 python3 bench/reference_chroma.py .whl/reference_step.py > $O/ref.log 2>&1; grep '^{' $O/ref.log | tail -1
+  arch chroma --cap 24 --fp8mm --quantize
+  arch chroma --cap 24 --fp8mm
+  ;;
 hidream)  # HiDream-I1 (sorted MoE outside compile) with its reference, cuDNN first against flash first
   timeout 200 python3 .whl/reference_step.py hidream_bs1_ckpt > $O/ref.log 2>&1; grep '^hidream' $O/ref.log
   arch hidream --cap 24 --fp8mm
