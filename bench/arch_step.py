@@ -111,6 +111,8 @@ def main():
                     help="train.gradient_checkpointing_keep_attention (the blocks then run uncompiled)")
     ap.add_argument("--eager", action="store_true", help="no regional compile")
     ap.add_argument("--fp8mm", action="store_true", help="float8 base with fp8 matmuls (model.float8_matmul)")
+    ap.add_argument("--capture-dynamic", action="store_true",
+                    help="trace data-dependent shapes (HiDream's MoE masks) into the compiled graphs instead of breaking them")
     ap.add_argument("--quantize", action="store_true", help="the plan for model.quantize: true (ai-toolkit's 24 GB examples)")
     ap.add_argument("--small", action="store_true")
     args = ap.parse_args()
@@ -188,6 +190,8 @@ def main():
 
         BlockSwap(block_modules, swap, dev).attach()
     model.train()
+    if args.capture_dynamic:  # one graph per block, the masks' sizes symbolic: no resume frames, the same graph recomputed
+        torch._dynamo.config.capture_dynamic_output_shape_ops = torch._dynamo.config.capture_scalar_outputs = True
     if cuda and not (args.eager or args.keep_attention):  # as the trainer: kept attention runs uncompiled
         compile_denoiser(model, block_modules, attention=attention)
     opt = build_optimizer("adamw", params, 1e-4, {})
@@ -218,7 +222,7 @@ def main():
     key = f"{args.arch}_{args.video if video else 'bs1'}_cap{args.cap:g}" + (f"_{args.storage}" if args.storage else "") + \
         (f"_swap{args.swap}" if args.swap is not None else "") + (f"_offload{args.offload}" if args.offload else "") + (f"_whole{args.whole}" if args.whole is not None else "") + \
         f"_{attention}" + ("_fp8mm" if args.fp8mm else "") + \
-        ("_keepattn" if args.keep_attention else "") + ("_quantize" if args.quantize else "") + ("_eager" if args.eager else "")
+        ("_keepattn" if args.keep_attention else "") + ("_quantize" if args.quantize else "") + ("_capture" if args.capture_dynamic else "") + ("_eager" if args.eager else "")
     result = {key: {"step_s": round(seconds / args.steps, 4), "oom": oom, "offload": offload, "whole": whole, "tokens": tokens,
                     "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                     "n_lora": sum(p.numel() for p in params), "lora_layers": len(names), "warmup_losses": [round(x, 4) for x in losses],

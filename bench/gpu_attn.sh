@@ -24,9 +24,10 @@ chroma)  # Chroma with its reference: the plan for ai-toolkit's example (quantiz
   arch chroma --cap 24 --fp8mm --quantize
   arch chroma --cap 24 --fp8mm
   ;;
-hidream)  # HiDream-I1 (sorted MoE outside compile) with its reference, cuDNN first against flash first
+hidream)  # HiDream-I1 with its reference: flash first, then its MoE traced into one graph per block (flash, cuDNN)
   timeout 200 python3 .whl/reference_step.py hidream_bs1_ckpt > $O/ref.log 2>&1; grep '^hidream' $O/ref.log
-  arch hidream --cap 24 --fp8mm
   arch hidream --cap 24 --fp8mm --attention _native_flash
+  arch hidream --cap 24 --fp8mm --attention _native_flash --capture-dynamic
+  arch hidream --cap 24 --fp8mm --attention _native_cudnn --capture-dynamic
   ;;
 esac
