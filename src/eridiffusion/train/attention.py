@@ -1,13 +1,12 @@
 """Which of torch's SDPA kernels runs the attention (`train.attention_backend`, ai-toolkit's key: diffusers'
-backend names). On Hopper, cuDNN's fused attention ran 1.7-1.9x as fast as FlashAttention-2 forward and backward at
-FLUX.1 and Wan 2.1 shapes, and their steps took 12 % and 31 % less time with it; SDXL's step (64-wide heads) and
-HiDream-I1's (whose MoE breaks each compiled block into several graphs) took 11-12 % more (bench/RESULTS.md). Which
-kernel SDPA tries first depends on the torch build (recent ones put cuDNN first on sm90/sm100 with cuDNN > 9.15),
-so `native`, the default, puts first the kernel the architecture measured fastest with (`attention_kernel`), for
-cuDNN only on sm90+ and once a small forward and backward on this GPU agrees with the math kernel. `_native_cudnn`,
-`_native_flash`, ... put that kernel first for any model, including those whose attention processors call SDPA
-directly rather than through diffusers' dispatch (SDXL, SD 3.5, HiDream). SDPA still falls back down the order for
-a call the first kernel refuses (a mask, a head size), so the choice never makes a call fail that would have run."""
+backend names). On an H200, cuDNN's fused attention ran 1.7-1.9x as fast as FlashAttention-2 forward and backward
+at 128-wide heads, yet some models' steps ran slower with it (bench/RESULTS.md), and which kernel SDPA tries first
+depends on the torch build (recent ones put cuDNN first on sm90/sm100 with cuDNN > 9.15). So `native`, the default,
+puts first the kernel the architecture measured fastest with (its `attention_kernel`), cuDNN only on sm90+ and once
+a small forward and backward on this GPU agrees with the math kernel. `_native_cudnn`, `_native_flash`, ... put
+that kernel first for any model, including those whose attention processors call SDPA directly rather than through
+diffusers' dispatch. SDPA still falls back down the order for a call the first kernel refuses (a mask, a head
+size), so the choice never makes a call fail that would have run."""
 from __future__ import annotations
 
 import contextlib
@@ -17,7 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-TORCH_ORDER = ("flash", "efficient", "math", "cudnn")  # SDPA's own order on CUDA
+TORCH_ORDER = ("flash", "efficient", "math", "cudnn")  # after the kernel put first: SDPA's order without a preference
 
 
 def choose_attention(backend: str, device: torch.device, preferred: str | None = None) -> str:

@@ -46,7 +46,7 @@ class Chroma:
     # output modulates every block
     quantize_exclude = ["x_embedder", "context_embedder", "proj_out", "distilled_guidance_layer*"]
     model_kwargs = {"max_text_length": 512}  # T5 tokens, as ChromaPipeline's default
-    attention_kernel = "cudnn"  # SDPA's kernel tried first (train/attention.py): measured fastest here
+    attention_kernel = "cudnn"  # SDPA's kernel tried first (train/attention.py): FLUX.1's blocks, as Flux
 
     def __init__(self, proc, device: torch.device, dtype: torch.dtype):
         self.model_cfg, self.train_cfg = proc.model, proc.train

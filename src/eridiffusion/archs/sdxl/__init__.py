@@ -47,7 +47,7 @@ class SDXL:
     components = ["unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"]
     te_keys, te_linears = ("te1", "te2"), TE_LINEARS
     model_kwargs: dict = {}  # the model.model_kwargs this architecture reads
-    attention_kernel = "flash"  # SDPA's kernel tried first (train/attention.py): cuDNN's measured slower here
+    attention_kernel = "flash"  # SDPA's kernel tried first (train/attention.py): cuDNN's took 11 % more step time (H200)
 
     def __init__(self, proc, device: torch.device, dtype: torch.dtype):
         self.model_cfg, self.train_cfg, self.sample_cfg = proc.model, proc.train, proc.sample
