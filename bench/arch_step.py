@@ -113,6 +113,7 @@ def main():
     ap.add_argument("--fp8mm", action="store_true", help="float8 base with fp8 matmuls (model.float8_matmul)")
     ap.add_argument("--capture-dynamic", action="store_true",
                     help="trace data-dependent shapes (HiDream's MoE masks) into the compiled graphs instead of breaking them")
+    ap.add_argument("--grouped-moe", action="store_true", help="HiDream's experts through grouped matmuls (bench/moe_grouped.py)")
     ap.add_argument("--quantize", action="store_true", help="the plan for model.quantize: true (ai-toolkit's 24 GB examples)")
     ap.add_argument("--small", action="store_true")
     args = ap.parse_args()
@@ -165,6 +166,10 @@ def main():
     torch.set_default_dtype(torch.float32)
     finish_loaded(model, base, arch.block_lists)  # quantized in place, swapped blocks to host memory
     arch.base = base
+    if args.grouped_moe:
+        from moe_grouped import use_grouped_experts
+
+        print(f"grouped experts in {use_grouped_experts(model)} MoE layers", flush=True)
     if args.arch == "hidream" or video:  # (their load() builds the pipeline; these are what training reads)
         arch.transformer = arch.denoiser = model
         arch.shift, arch.vae_scale_factor = FlowShift(shift=3.0), 8
@@ -222,7 +227,7 @@ def main():
     key = f"{args.arch}_{args.video if video else 'bs1'}_cap{args.cap:g}" + (f"_{args.storage}" if args.storage else "") + \
         (f"_swap{args.swap}" if args.swap is not None else "") + (f"_offload{args.offload}" if args.offload else "") + (f"_whole{args.whole}" if args.whole is not None else "") + \
         f"_{attention}" + ("_fp8mm" if args.fp8mm else "") + \
-        ("_keepattn" if args.keep_attention else "") + ("_quantize" if args.quantize else "") + ("_capture" if args.capture_dynamic else "") + ("_eager" if args.eager else "")
+        ("_keepattn" if args.keep_attention else "") + ("_quantize" if args.quantize else "") + ("_capture" if args.capture_dynamic else "") + ("_grouped" if args.grouped_moe else "") + ("_eager" if args.eager else "")
     result = {key: {"step_s": round(seconds / args.steps, 4), "oom": oom, "offload": offload, "whole": whole, "tokens": tokens,
                     "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                     "n_lora": sum(p.numel() for p in params), "lora_layers": len(names), "warmup_losses": [round(x, 4) for x in losses],

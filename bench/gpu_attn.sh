@@ -29,5 +29,7 @@ hidream)  # HiDream-I1 with its reference: flash first, then its MoE traced into
   arch hidream --cap 24 --fp8mm --attention _native_flash
   arch hidream --cap 24 --fp8mm --attention _native_flash --capture-dynamic
   arch hidream --cap 24 --fp8mm --attention _native_cudnn --capture-dynamic
+  arch hidream --cap 24 --fp8mm --attention _native_flash --grouped-moe
+  arch hidream --cap 24 --fp8mm --attention _native_cudnn --grouped-moe
   ;;
 esac
