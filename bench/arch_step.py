@@ -113,6 +113,8 @@ def main():
     ap.add_argument("--fp8mm", action="store_true", help="float8 base with fp8 matmuls (model.float8_matmul)")
     ap.add_argument("--capture-dynamic", action="store_true",
                     help="trace data-dependent shapes (HiDream's MoE masks) into the compiled graphs instead of breaking them")
+    ap.add_argument("--ac-budget", type=float, help="instead of checkpointing (no swap): each compiled block's partitioner "
+                    "keeps this fraction of its activations, recomputing the cheapest rest (torch's activation_memory_budget)")
     ap.add_argument("--grouped-moe", action="store_true", help="HiDream's experts through grouped matmuls (bench/moe_grouped.py)")
     ap.add_argument("--quantize", action="store_true", help="the plan for model.quantize: true (ai-toolkit's 24 GB examples)")
     ap.add_argument("--small", action="store_true")
@@ -188,7 +190,11 @@ def main():
         p.data = p.data.to(dev)
     block_modules = [b for n in arch.block_lists for b in getattr(model, n)]
     attention = choose_attention(args.attention, dev, getattr(arch, "attention_kernel", None))
-    if plan.checkpointing or swap or offload:  # block swap and offloading need checkpointing
+    if args.ac_budget is not None:
+        if swap or offload:
+            raise SystemExit("--ac-budget replaces checkpointing: not with block swap or offloaded inputs (--swap 0 --offload off)")
+        torch._functorch.config.activation_memory_budget = args.ac_budget
+    elif plan.checkpointing or swap or offload:  # block swap and offloading need checkpointing
         enable_checkpointing(model, block_modules[:whole], offload=offload, keep_attention=args.keep_attention)
     if swap:
         from eridiffusion.train.offload import BlockSwap
@@ -227,7 +233,7 @@ def main():
     key = f"{args.arch}_{args.video if video else 'bs1'}_cap{args.cap:g}" + (f"_{args.storage}" if args.storage else "") + \
         (f"_swap{args.swap}" if args.swap is not None else "") + (f"_offload{args.offload}" if args.offload else "") + (f"_whole{args.whole}" if args.whole is not None else "") + \
         f"_{attention}" + ("_fp8mm" if args.fp8mm else "") + \
-        ("_keepattn" if args.keep_attention else "") + ("_quantize" if args.quantize else "") + ("_capture" if args.capture_dynamic else "") + ("_grouped" if args.grouped_moe else "") + ("_eager" if args.eager else "")
+        ("_keepattn" if args.keep_attention else "") + ("_quantize" if args.quantize else "") + ("_capture" if args.capture_dynamic else "") + ("_grouped" if args.grouped_moe else "") + (f"_acb{args.ac_budget:g}" if args.ac_budget is not None else "") + ("_eager" if args.eager else "")
     result = {key: {"step_s": round(seconds / args.steps, 4), "oom": oom, "offload": offload, "whole": whole, "tokens": tokens,
                     "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                     "n_lora": sum(p.numel() for p in params), "lora_layers": len(names), "warmup_losses": [round(x, 4) for x in losses],

@@ -19,6 +19,12 @@ moe)  # HiDream-I1 and Chroma with their reference
   arch hidream --cap 24 --fp8mm
   arch chroma --cap 24 --fp8mm
   ;;
+budget)  # FLUX.1: torch's activation-memory budget per compiled block instead of whole-block recompute, in the 24 GiB cap
+  timeout 120 python3 .whl/reference_step.py flux_bs1_ckpt > $O/ref.log 2>&1; grep '^flux' $O/ref.log
+  ours 100 flux --qtype float8 --fp8mm --keep 6 --cap 24
+  ours 130 flux --qtype float8 --fp8mm --ac-budget 0.15 --cap 24
+  ours 130 flux --qtype float8 --fp8mm --ac-budget 0.3 --cap 24
+  ;;
 chroma)  # Chroma with its reference: the plan for ai-toolkit's example (quantize: true) against the bf16 plan
   timeout 120 python3 bench/reference_chroma.py .whl/reference_step.py > $O/ref.log 2>&1; grep '^{' $O/ref.log | tail -1
   arch chroma --cap 24 --fp8mm --quantize

@@ -91,6 +91,8 @@ def main():
     ap.add_argument("--attention", default="native", help="train.attention_backend (native: cuDNN's kernel first on sm90+)")
     ap.add_argument("--keep", type=int, default=0, help="blocks left whole (not checkpointed), the first K")
     ap.add_argument("--no-ckpt", action="store_true", help="no gradient checkpointing")
+    ap.add_argument("--ac-budget", type=float, help="instead of checkpointing: each compiled block's partitioner keeps this "
+                    "fraction of its activations and recomputes the cheapest of the rest (torch's activation_memory_budget)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     if args.cap:
@@ -125,7 +127,9 @@ def main():
         params += inject_lora(t.module, t.linear, LoraSpec(rank=16, alpha=16), seed=0)
     for p in params:
         p.data = p.data.to(dev)
-    if not args.no_ckpt:
+    if args.ac_budget is not None:
+        torch._functorch.config.activation_memory_budget = args.ac_budget
+    if not (args.no_ckpt or args.ac_budget is not None):
         blocks = [b for n in arch.block_lists for b in getattr(model, n)]
         enable_checkpointing(model, blocks[:args.keep])
     if args.swap:
@@ -153,7 +157,7 @@ def main():
     torch.cuda.synchronize()
     key = (f"{args.arch}_bs{args.bs}" + ("" if compiled else "_eager") + (f"_{args.qtype}" if args.qtype else "") + ("_fp8mm" if args.fp8mm else "")
            + (f"_swap{args.swap}" if args.swap else "") + (f"_keep{args.keep}" if args.keep else "") + f"_{attention}"
-           + ("_nockpt" if args.no_ckpt else "") + (f"_cap{args.cap:g}" if args.cap else ""))
+           + ("_nockpt" if args.no_ckpt else "") + (f"_acb{args.ac_budget:g}" if args.ac_budget is not None else "") + (f"_cap{args.cap:g}" if args.cap else ""))
     result = {key: {"step_s": round((time.perf_counter() - t) / 8, 4),
                     "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "n_lora": sum(p.numel() for p in params),
                     "output_error": None if error is None else round(error, 4)}}
