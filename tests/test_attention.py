@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
 from eridiffusion.archs import ARCHS, get_arch_class
-from eridiffusion.train.attention import BACKENDS, attention_kernels, choose_attention
+from eridiffusion.train.attention import BACKENDS, attention_kernels, choose_attention, through_sdpa
 from eridiffusion.train.compile import compile_denoiser
 
 
@@ -23,6 +23,9 @@ def test_choice_on_the_cpu_and_for_kernels_outside_sdpa():
     for backend in ("native", "_native_cudnn", "_native_flash", "flash", "sage", "_flash_3"):
         assert choose_attention(backend, cpu) == "default"
         assert choose_attention(backend, cpu, "cudnn") == "default"
+    # what this module steers; diffusers' set_attention_backend runs the rest
+    assert [through_sdpa(b) for b in ("native", "_native_cudnn", "_native_math", "_native_npu", "flash", "sage")] == \
+        [True, True, True, False, False, False]
 
 
 def test_architectures_prefer_only_sdpa_kernels():

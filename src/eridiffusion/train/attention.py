@@ -23,17 +23,23 @@ def choose_attention(backend: str, device: torch.device, preferred: str | None =
     """The SDPA kernel to put first for `train.attention_backend`, or `default` (SDPA's own order). `native`: the
     architecture's `preferred` kernel (its `attention_kernel`), cuDNN only on GPUs of compute capability 9.0+
     (where it was measured) when `cudnn_works` on this one."""
-    first = backend.removeprefix("_native_") if backend.startswith("_native_") else None
-    if device.type != "cuda" or (backend != "native" and first not in BACKENDS):
+    if device.type != "cuda" or not through_sdpa(backend):
         return "default"  # the CPU, or a backend outside SDPA (flash-attn, sage, ...) that diffusers runs
     if backend == "native":
         if preferred == "cudnn" and (torch.cuda.get_device_capability(device) < (9, 0) or not cudnn_works(device)):
             return "default"
         return preferred or "default"
+    first = backend.removeprefix("_native_")
     if first == "cudnn" and not cudnn_works(device):
         raise RuntimeError("train.attention_backend: _native_cudnn: cuDNN's attention failed or disagreed with the "
                            "math kernel on this GPU and torch build; use native or _native_flash")
     return first
+
+
+def through_sdpa(backend: str) -> bool:
+    """Whether a `train.attention_backend` name is torch's SDPA (`native`, or `_native_<kernel>` for one of
+    BACKENDS), which this module steers; diffusers' set_attention_backend runs the others."""
+    return backend == "native" or (backend.startswith("_native_") and backend.removeprefix("_native_") in BACKENDS)
 
 
 def cudnn_works(device: torch.device) -> bool:

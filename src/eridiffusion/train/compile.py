@@ -31,7 +31,7 @@ def compile_denoiser(denoiser: torch.nn.Module, blocks=(), backend="inductor", a
     for block in blocks:
         eager = block.forward
         # forward, not the whole module call: hooks (block swap) stay outside the compiled graph
-        compiled = torch.compile(_with_own_outputs(eager, attention), backend=backend)
+        compiled = torch.compile(_compilable(eager, attention), backend=backend)
 
         def forward(*args, _compiled=compiled, _eager=eager, _block=block, **kwargs):
             if _block.__dict__.get("_eri_eager"):
@@ -50,9 +50,10 @@ def compile_denoiser(denoiser: torch.nn.Module, blocks=(), backend="inductor", a
         block.forward = forward
 
 
-def _with_own_outputs(fn, attention="default"):
-    # a block returning views of one tensor (a single-stream block splitting its output in two) breaks AOTAutograd
-    # once weights are tensor subclasses (quantized); a copy of each output costs one activation's bandwidth
+def _compilable(fn, attention="default"):
+    # the SDPA kernel choice entered inside, so it is part of the graph the compiler caches (train/attention.py);
+    # each output copied: a block returning views of one tensor (a single-stream block splitting its output in two)
+    # breaks AOTAutograd once weights are tensor subclasses (quantized), and a copy costs one activation's bandwidth
     def run(*args, **kwargs):
         with attention_kernels(attention):
             out = fn(*args, **kwargs)

@@ -25,7 +25,7 @@ from ..data import DataPipeline
 from ..sample import Previewer
 from . import checkpoint as ckpt
 from . import save_checks
-from .attention import BACKENDS, attention_kernels, choose_attention
+from .attention import attention_kernels, choose_attention, through_sdpa
 from .compile import compile_denoiser, want_compile
 from . import distributed
 from .distributed import Processes, data_parallel, no_sync
@@ -313,7 +313,7 @@ class Run:
         self.attention = choose_attention(tc.attention_backend, self.device, getattr(self.arch, "attention_kernel", None))
         if self.attention != "default":
             print(f"Attention: SDPA's {self.attention} kernel first (train.attention_backend: {tc.attention_backend})")
-        elif tc.attention_backend not in ("native", *(f"_native_{k}" for k in BACKENDS)):
+        elif not through_sdpa(tc.attention_backend):
             self.arch.denoiser.set_attention_backend(tc.attention_backend)  # a kernel outside SDPA, through diffusers
         self.sharded = None
         blocks = [b for name in self.arch.block_lists for b in getattr(self.arch.denoiser, name)]
