@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 
@@ -33,6 +32,7 @@ from eridiffusion.train.loop import Stepper
 from eridiffusion.train.memory import (CANDIDATES, ModelSize, enable_checkpointing, lora_state_bytes, make_plan, quantized_candidates,
                                        usable_gpu_memory)
 from eridiffusion.train.optim import build_optimizer, build_scheduler
+from timing import time_steps  # bench/timing.py
 
 torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -210,23 +210,11 @@ def main():
                       max_grad_norm=1.0, generator=torch.Generator(dev).manual_seed(0))
     batch = Batch(pixels=None, latents=r(1, 16, *latent) if video else r(1, 16, side, side), captions=[""], text=text(), original_sizes=[(1024, 1024)],
                   crop_top_lefts=[(0, 0)], target_sizes=[(1024, 1024)], paths=[], loss_weights=torch.ones(1))
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    def timed():
-        with attention_kernels(attention):
-            losses = [float(stepper.step([batch])) for _ in range(2 if video else 4)]
-            sync()
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                stepper.step([batch])
-            sync()
-        return losses, time.perf_counter() - t
-
     oom = None
     try:
-        losses, seconds = timed()
+        with attention_kernels(attention):
+            losses, seconds = time_steps(lambda: stepper.step([batch]), 2 if video else 4, args.steps)
+        losses = [float(x) for x in losses]
     except torch.cuda.OutOfMemoryError as e:  # the plan's estimate was short: say so, with the peak reached
         oom = str(e).splitlines()[0][:160]
         losses, seconds = [], float("nan")
@@ -234,7 +222,7 @@ def main():
         (f"_swap{args.swap}" if args.swap is not None else "") + (f"_offload{args.offload}" if args.offload else "") + (f"_whole{args.whole}" if args.whole is not None else "") + \
         f"_{attention}" + ("_fp8mm" if args.fp8mm else "") + \
         ("_keepattn" if args.keep_attention else "") + ("_quantize" if args.quantize else "") + ("_capture" if args.capture_dynamic else "") + ("_grouped" if args.grouped_moe else "") + (f"_acb{args.ac_budget:g}" if args.ac_budget is not None else "") + ("_eager" if args.eager else "")
-    result = {key: {"step_s": round(seconds / args.steps, 4), "oom": oom, "offload": offload, "whole": whole, "tokens": tokens,
+    result = {key: {"step_s": round(seconds, 4), "oom": oom, "offload": offload, "whole": whole, "tokens": tokens,
                     "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                     "n_lora": sum(p.numel() for p in params), "lora_layers": len(names), "warmup_losses": [round(x, 4) for x in losses],
                     "plan": plan.line(), "storage": storage, "swap": swap, "blocks": len(blocks)}}

@@ -32,6 +32,7 @@ from eridiffusion.train.compile import compile_denoiser
 from eridiffusion.train.loop import Stepper
 from eridiffusion.train.memory import enable_checkpointing
 from eridiffusion.train.optim import build_optimizer, build_scheduler
+from timing import time_steps  # bench/timing.py
 
 torch.backends.cuda.matmul.allow_tf32 = True
 _spec = importlib.util.spec_from_file_location("lora_step", Path(__file__).with_name("lora_step.py"))
@@ -86,18 +87,7 @@ def main():
     stepper = Stepper(arch, params, opt, build_scheduler("constant", opt, {}, 100), dtype=torch.bfloat16,
                       max_grad_norm=1.0, generator=torch.Generator(dev).manual_seed(processes.rank), ddp=ddp,
                       sharded=sharded, processes=processes)
-    for _ in range(4):
-        stepper.step([batch])
-    sync()
-    processes.barrier()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        stepper.step([batch])
-    sync()
-    processes.barrier()
-    step_s = (time.perf_counter() - t) / args.steps
+    _, step_s = time_steps(lambda: stepper.step([batch]), 4, args.steps, sync=lambda: (sync(), processes.barrier()))
     peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0], device=dev)
     peaks = [torch.zeros_like(peak) for _ in range(processes.world)] if processes.world > 1 else [peak]
     if processes.world > 1:
@@ -108,13 +98,9 @@ def main():
     if args.profile:
         result[key].update(split(stepper, batch, sync))
         if ddp is not None:
-            t = time.perf_counter()
             with ddp.no_sync():
-                for _ in range(args.steps):
-                    stepper.step([batch])
-            sync()
-            processes.barrier()
-            result[key]["step_s_no_allreduce"] = round((time.perf_counter() - t) / args.steps, 4)
+                _, seconds = time_steps(lambda: stepper.step([batch]), 0, args.steps, sync=lambda: (sync(), processes.barrier()))
+            result[key]["step_s_no_allreduce"] = round(seconds, 4)
     if processes.main:
         print(json.dumps(result), flush=True)
         if os.environ.get("OUT"):

@@ -8,7 +8,6 @@ import importlib.util
 import json
 import os
 import sys
-import time
 
 import torch
 
@@ -17,6 +16,7 @@ from eridiffusion.archs.blockwise import FrozenBase, finish_loaded
 from eridiffusion.quant import Quantizer
 from eridiffusion.train.compile import compile_denoiser
 from eridiffusion.train.offload import BlockSwap
+from timing import time_steps  # bench/timing.py
 
 BLOCKS = ("double_stream_blocks", "single_stream_blocks")
 
@@ -57,16 +57,9 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    for _ in range(5):
-        step()
-    torch.cuda.synchronize()
+    _, seconds = time_steps(step, 3, 5)
     key = f"hidream_bs1_ckpt_float8_swap{swap}" + (f"_cap{cap:g}" if cap else "")
-    result = {key: {"step_s": round((time.perf_counter() - t) / 5, 4), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+    result = {key: {"step_s": round(seconds, 4), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
                     "n_lora": sum(p.numel() for p in params), "swapped_of": sum(len(getattr(m, n)) for n in BLOCKS)}}
     print(json.dumps(result))
     if os.environ.get("OUT"):

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 
@@ -31,6 +30,7 @@ from eridiffusion.train.compile import compile_denoiser, want_compile
 from eridiffusion.train.loop import Stepper
 from eridiffusion.train.memory import enable_checkpointing
 from eridiffusion.train.optim import build_optimizer, build_scheduler
+from timing import time_steps  # bench/timing.py
 
 torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -147,18 +147,11 @@ def main():
         with attention_kernels(attention):
             stepper.step([batch])
 
-    for _ in range(4 if compiled else 2):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    for _ in range(8):
-        step()
-    torch.cuda.synchronize()
+    _, seconds = time_steps(step, 4 if compiled else 2, 8)
     key = (f"{args.arch}_bs{args.bs}" + ("" if compiled else "_eager") + (f"_{args.qtype}" if args.qtype else "") + ("_fp8mm" if args.fp8mm else "")
            + (f"_swap{args.swap}" if args.swap else "") + (f"_keep{args.keep}" if args.keep else "") + f"_{attention}"
            + ("_nockpt" if args.no_ckpt else "") + (f"_acb{args.ac_budget:g}" if args.ac_budget is not None else "") + (f"_cap{args.cap:g}" if args.cap else ""))
-    result = {key: {"step_s": round((time.perf_counter() - t) / 8, 4),
+    result = {key: {"step_s": round(seconds, 4),
                     "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "n_lora": sum(p.numel() for p in params),
                     "output_error": None if error is None else round(error, 4)}}
     print(json.dumps(result))
