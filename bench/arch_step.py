@@ -32,7 +32,7 @@ from eridiffusion.train.loop import Stepper
 from eridiffusion.train.memory import (CANDIDATES, ModelSize, enable_checkpointing, lora_state_bytes, make_plan, quantized_candidates,
                                        usable_gpu_memory)
 from eridiffusion.train.optim import build_optimizer, build_scheduler
-from timing import time_steps  # bench/timing.py
+from timing import graph_the_step, time_steps  # bench/timing.py
 
 torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -70,7 +70,7 @@ def model_and_text(arch: str, small: bool, dev, r):
                    approximator_layers=2) if small else {}
         tokens = 8 if small else 512
         text = lambda: {"prompt_embeds": r(1, tokens, cfg.get("joint_attention_dim", 4096)),
-                        "attention_mask": torch.ones(1, tokens, dtype=torch.bool, device=dev)}
+                        "attention_mask": torch.ones(1, tokens, dtype=torch.bool)}  # on the host, as the cache loads it
         return ChromaTransformer2DModel, cfg, text
     if arch.startswith("wan"):  # reference_step.py's WAN14B / WAN13B (the Wan2.1-T2V repos' configs)
         cfg = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
@@ -117,6 +117,7 @@ def main():
                     "keeps this fraction of its activations, recomputing the cheapest rest (torch's activation_memory_budget)")
     ap.add_argument("--grouped-moe", action="store_true", help="HiDream's experts through grouped matmuls (bench/moe_grouped.py)")
     ap.add_argument("--quantize", action="store_true", help="the plan for model.quantize: true (ai-toolkit's 24 GB examples)")
+    ap.add_argument("--cuda-graph", action="store_true", help="the whole step captured as one CUDA graph and replayed (no swap)")
     ap.add_argument("--small", action="store_true")
     args = ap.parse_args()
     video = args.arch.startswith("wan")
@@ -195,7 +196,8 @@ def main():
             raise SystemExit("--ac-budget replaces checkpointing: not with block swap or offloaded inputs (--swap 0 --offload off)")
         torch._functorch.config.activation_memory_budget = args.ac_budget
     elif plan.checkpointing or swap or offload:  # block swap and offloading need checkpointing
-        enable_checkpointing(model, block_modules[:whole], offload=offload, keep_attention=args.keep_attention)
+        enable_checkpointing(model, block_modules[:whole], offload=offload, keep_attention=args.keep_attention,
+                             preserve_rng=not args.cuda_graph)
     if swap:
         from eridiffusion.train.offload import BlockSwap
 
@@ -212,8 +214,15 @@ def main():
                   crop_top_lefts=[(0, 0)], target_sizes=[(1024, 1024)], paths=[], loss_weights=torch.ones(1))
     oom = None
     try:
-        with attention_kernels(attention):
-            losses, seconds = time_steps(lambda: stepper.step([batch]), 2 if video else 4, args.steps)
+        def step():
+            with attention_kernels(attention):
+                return stepper.step([batch])
+        warmup = 2 if video else 4
+        if args.cuda_graph:
+            if swap or offload:
+                raise SystemExit("--cuda-graph: not with block swap or offloaded inputs (--swap 0 --offload off)")
+            step, warmup = graph_the_step(step, stepper, batch, opt, warmup), 2
+        losses, seconds = time_steps(step, warmup, args.steps)
         losses = [float(x) for x in losses]
     except torch.cuda.OutOfMemoryError as e:  # the plan's estimate was short: say so, with the peak reached
         oom = str(e).splitlines()[0][:160]
@@ -221,9 +230,10 @@ def main():
     key = f"{args.arch}_{args.video if video else 'bs1'}_cap{args.cap:g}" + (f"_{args.storage}" if args.storage else "") + \
         (f"_swap{args.swap}" if args.swap is not None else "") + (f"_offload{args.offload}" if args.offload else "") + (f"_whole{args.whole}" if args.whole is not None else "") + \
         f"_{attention}" + ("_fp8mm" if args.fp8mm else "") + \
-        ("_keepattn" if args.keep_attention else "") + ("_quantize" if args.quantize else "") + ("_capture" if args.capture_dynamic else "") + ("_grouped" if args.grouped_moe else "") + (f"_acb{args.ac_budget:g}" if args.ac_budget is not None else "") + ("_eager" if args.eager else "")
+        ("_keepattn" if args.keep_attention else "") + ("_quantize" if args.quantize else "") + ("_capture" if args.capture_dynamic else "") + ("_grouped" if args.grouped_moe else "") + (f"_acb{args.ac_budget:g}" if args.ac_budget is not None else "") + ("_eager" if args.eager else "") + ("_graph" if args.cuda_graph else "")
     result = {key: {"step_s": round(seconds, 4), "oom": oom, "offload": offload, "whole": whole, "tokens": tokens,
                     "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                    "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
                     "n_lora": sum(p.numel() for p in params), "lora_layers": len(names), "warmup_losses": [round(x, 4) for x in losses],
                     "plan": plan.line(), "storage": storage, "swap": swap, "blocks": len(blocks)}}
     print(json.dumps(result), flush=True)

@@ -154,3 +154,14 @@ def test_demo_data_has_captioned_images():
     captions = [p.with_suffix(".txt").read_text() for p in images]
     assert sum("[trigger]" in c for c in captions) >= 2
     assert sum(p.stat().st_size for p in DEMO_DATA_DIR.iterdir()) < 200 * 1024
+
+
+@pytest.mark.parametrize("h,w", [(4, 6), (64, 48)])
+def test_position_ids_made_on_the_device_are_diffusers_own(h, w):
+    from diffusers import FluxPipeline
+
+    from eridiffusion.archs.common import latent_image_ids
+
+    for dtype in (torch.float32, torch.bfloat16):
+        ours = latent_image_ids(h, w, torch.device("cpu"), dtype)
+        assert ours.dtype == dtype and torch.equal(ours, FluxPipeline._prepare_latent_image_ids(1, h, w, "cpu", dtype))

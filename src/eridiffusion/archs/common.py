@@ -174,6 +174,17 @@ def encode_latents(vae, pixels, dtype):
     return latents
 
 
+def latent_image_ids(h: int, w: int, device, dtype):
+    """The Flux family's position ids of an h x w grid of latent patches, (h*w, 3) rows of (0, row, column), as
+    diffusers' `_prepare_latent_image_ids` gives them but made on the device: no host-to-device copy in the step,
+    which a CUDA graph could not hold."""
+    import torch
+
+    rows = torch.arange(h, device=device, dtype=torch.float32).repeat_interleave(w)
+    cols = torch.arange(w, device=device, dtype=torch.float32).repeat(h)
+    return torch.stack([torch.zeros_like(rows), rows, cols], 1).to(dtype)
+
+
 @contextlib.contextmanager
 def on_device(module, device):
     """Run with `module` on `device`, then put it back where it was (e.g. a VAE kept on the CPU)."""

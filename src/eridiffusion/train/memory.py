@@ -177,13 +177,16 @@ def frozen_base(proc, arch_cls, device: torch.device, dtype: torch.dtype, fuse=N
                       fuse=fuse, quantize_on_cpu=m.low_vram or device.type == "cpu", float8_matmul=m.float8_matmul)
 
 
-def enable_checkpointing(model: torch.nn.Module, whole=(), offload: bool = False, keep_attention: bool = False) -> None:
+def enable_checkpointing(model: torch.nn.Module, whole=(), offload: bool = False, keep_attention: bool = False,
+                         preserve_rng: bool = True) -> None:
     """diffusers' gradient checkpointing of every block, but for the blocks in `whole`: those keep their
     activations (more memory, no recompute), as many as the memory plan finds room for. With `offload` the
     inputs a checkpointed block keeps for its recompute wait in pinned host memory until backward: torch's
     save_on_cpu packs exactly those, as checkpoint saves its inputs outside its own saved-tensor hooks. With
     `keep_attention` a checkpointed block keeps its attention outputs (torch's selective checkpointing), so its
-    recompute skips the attention kernels: one activation more per attention call, for long sequences' costliest op."""
+    recompute skips the attention kernels: one activation more per attention call, for long sequences' costliest op.
+    `preserve_rng: False` skips saving the RNG state for the recompute (reading it is not allowed inside a CUDA graph
+    capture); only for blocks that draw no random numbers (no dropout)."""
     whole = {id(b) for b in whole}
     pinned = torch.cuda.is_available()
     kw = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _keep_attention)} if keep_attention else {}
@@ -192,7 +195,8 @@ def enable_checkpointing(model: torch.nn.Module, whole=(), offload: bool = False
         if id(block) in whole:
             return block(*args)
         with torch.autograd.graph.save_on_cpu(pin_memory=pinned) if offload else contextlib.nullcontext():
-            return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False, **kw)
+            return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False,
+                                                     preserve_rng_state=preserve_rng, **kw)
 
     model.enable_gradient_checkpointing(run)
 

@@ -24,8 +24,8 @@ from ...objectives import flow
 from ...train.dtypes import DTYPES
 from ..base import LoraTargets, SampleRequest
 from ..blockwise import FrozenBase, finish_loaded, folder_readers, materialize, read_units
-from ..common import (check_flow_model_keys, encode_latents, folder_fingerprint, load_text_encoder, load_vae,
-                     on_device, resolve_roots, save_lora_with_diffusers, write_diffusers_folder)
+from ..common import (check_flow_model_keys, encode_latents, folder_fingerprint, latent_image_ids, load_text_encoder,
+                     load_vae, on_device, resolve_roots, save_lora_with_diffusers, write_diffusers_folder)
 from ..flux import Flux, open_transformer_for_merge, read_any_lora
 from ..sources import find_tokenizer_files, resolve_model_source
 from .formats import BLOCK_LISTS, computed_buffers, diffusers_to_bfl, load_chroma_single_file
@@ -141,18 +141,22 @@ class Chroma:
 
         b, c, h, w = noisy.shape
         packed = ChromaPipeline._pack_latents(noisy, b, c, h, w)
-        img_ids = ChromaPipeline._prepare_latent_image_ids(b, h // 2, w // 2, self.device, self.dtype)
+        img_ids = latent_image_ids(h // 2, w // 2, self.device, self.dtype)
         embeds = text["prompt_embeds"].to(self.device, self.dtype)
-        lengths = text["attention_mask"].to(self.device).sum(1)  # the unmasked tokens come first
-        groups = (list(torch.arange(b, device=self.device)[:, None]) if isinstance(self.transformer, FSDPModule)
-                  else [(lengths == n).nonzero().flatten() for n in lengths.unique()])
+        # counted on the host (cached masks are loaded there): no device sync, and one batch of equal lengths
+        # indexes nothing, so the step holds no host work a CUDA graph could not replay
+        lengths = text["attention_mask"].sum(1).tolist()
+        groups = ([[i] for i in range(b)] if isinstance(self.transformer, FSDPModule)
+                  else [[i for i, m in enumerate(lengths) if m == n] for n in sorted(set(lengths))])
         outs = []
         for group in groups:
-            n = int(lengths[group[0]])
+            pick = slice(None) if len(group) == b else torch.tensor(group, device=self.device)
+            n = lengths[group[0]]
             outs.append(self.transformer(
-                hidden_states=packed[group], encoder_hidden_states=embeds[group, :n], timestep=sigma[group].to(self.dtype),
+                hidden_states=packed[pick], encoder_hidden_states=embeds[pick, :n], timestep=sigma[pick].to(self.dtype),
                 img_ids=img_ids, txt_ids=torch.zeros(n, 3, device=self.device, dtype=self.dtype), return_dict=False)[0])
-        out = torch.cat(outs)[torch.argsort(torch.cat(groups))]
+        order = [i for group in groups for i in group]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)[torch.tensor(order, device=self.device).argsort()]
         return ChromaPipeline._unpack_latents(out, h * self.vae_scale_factor, w * self.vae_scale_factor, self.vae_scale_factor)
 
     # ---- LoRA ----------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 from ...objectives import flow
 from ...train.dtypes import DTYPES
 from ..base import LoraTargets, SampleRequest
-from ..common import (check_flow_model_keys, encode_latents, folder_fingerprint, load_text_encoder, load_vae,
-                     on_device, resolve_roots, save_lora_with_diffusers, write_diffusers_folder)
+from ..common import (check_flow_model_keys, encode_latents, folder_fingerprint, latent_image_ids, load_text_encoder,
+                     load_vae, on_device, resolve_roots, save_lora_with_diffusers, write_diffusers_folder)
 from ..blockwise import FrozenBase, finish_loaded, folder_readers, materialize, read_units
 from .formats import BLOCK_LISTS, load_flux_single_file
 from ..sources import find_tokenizer_files
@@ -147,7 +147,7 @@ class Flux:
             encoder_hidden_states=embeds,
             pooled_projections=text["pooled_prompt_embeds"].to(self.device, self.dtype),
             timestep=sigma.to(self.dtype),
-            img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, self.device, self.dtype),
+            img_ids=latent_image_ids(h // 2, w // 2, self.device, self.dtype),
             txt_ids=torch.zeros(embeds.shape[1], 3, device=self.device, dtype=self.dtype),
             guidance=guidance,
             return_dict=False,
