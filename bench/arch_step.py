@@ -28,11 +28,12 @@ from eridiffusion.objectives.flow import FlowShift
 from eridiffusion.quant import Quantizer
 from eridiffusion.train.attention import attention_kernels, choose_attention
 from eridiffusion.train.compile import compile_denoiser
+from eridiffusion.train.graphs import StepGraphs
 from eridiffusion.train.loop import Stepper
 from eridiffusion.train.memory import (CANDIDATES, ModelSize, enable_checkpointing, lora_state_bytes, make_plan, quantized_candidates,
                                        usable_gpu_memory)
 from eridiffusion.train.optim import build_optimizer, build_scheduler
-from timing import graph_the_step, time_steps  # bench/timing.py
+from timing import time_steps  # bench/timing.py
 
 torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -117,7 +118,7 @@ def main():
                     "keeps this fraction of its activations, recomputing the cheapest rest (torch's activation_memory_budget)")
     ap.add_argument("--grouped-moe", action="store_true", help="HiDream's experts through grouped matmuls (bench/moe_grouped.py)")
     ap.add_argument("--quantize", action="store_true", help="the plan for model.quantize: true (ai-toolkit's 24 GB examples)")
-    ap.add_argument("--cuda-graph", action="store_true", help="the whole step captured as one CUDA graph and replayed (no swap)")
+    ap.add_argument("--cuda-graph", action="store_true", help="train.cuda_graphs: the step replayed from CUDA graphs (no swap)")
     ap.add_argument("--small", action="store_true")
     args = ap.parse_args()
     video = args.arch.startswith("wan")
@@ -197,7 +198,7 @@ def main():
         torch._functorch.config.activation_memory_budget = args.ac_budget
     elif plan.checkpointing or swap or offload:  # block swap and offloading need checkpointing
         enable_checkpointing(model, block_modules[:whole], offload=offload, keep_attention=args.keep_attention,
-                             preserve_rng=not args.cuda_graph)
+                             preserve_rng=False)
     if swap:
         from eridiffusion.train.offload import BlockSwap
 
@@ -217,12 +218,11 @@ def main():
         def step():
             with attention_kernels(attention):
                 return stepper.step([batch])
-        warmup = 2 if video else 4
-        if args.cuda_graph:
+        if args.cuda_graph:  # train.cuda_graphs: captured on the third step, replayed from the fourth
             if swap or offload:
                 raise SystemExit("--cuda-graph: not with block swap or offloaded inputs (--swap 0 --offload off)")
-            step, warmup = graph_the_step(step, stepper, batch, opt, warmup), 2
-        losses, seconds = time_steps(step, warmup, args.steps)
+            stepper.graphs = StepGraphs(params, opt, stepper.generator, room=True)
+        losses, seconds = time_steps(step, 4 if args.cuda_graph or not video else 2, args.steps)
         losses = [float(x) for x in losses]
     except torch.cuda.OutOfMemoryError as e:  # the plan's estimate was short: say so, with the peak reached
         oom = str(e).splitlines()[0][:160]

@@ -14,4 +14,10 @@ flux_chroma)  # FLUX.1 (float8 + fp8 matmuls, 6 blocks whole) and Chroma (the pl
   ours 100 flux --qtype float8 --fp8mm --keep 6 --cap 24
   arch chroma --cap 24 --fp8mm --quantize
   ;;
+product)  # train.cuda_graphs through the trainer: the tiny-Flux test (graphed against eager), then FLUX.1 full size
+  timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_graphs.py > $O/pytest.log 2>&1; tail -3 $O/pytest.log
+  timeout 120 python3 .whl/reference_step.py flux_bs1_ckpt > $O/ref.log 2>&1; grep '^flux' $O/ref.log
+  ours 130 flux --qtype float8 --fp8mm --keep 6 --cap 24 --cuda-graph
+  ours 110 flux --qtype float8 --fp8mm --keep 12 --cap 24 --cuda-graph
+  ;;
 esac

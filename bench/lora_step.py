@@ -27,10 +27,11 @@ from eridiffusion.config import parse_config
 from eridiffusion.data import Batch
 from eridiffusion.train.attention import attention_kernels, choose_attention
 from eridiffusion.train.compile import compile_denoiser, want_compile
+from eridiffusion.train.graphs import StepGraphs
 from eridiffusion.train.loop import Stepper
 from eridiffusion.train.memory import enable_checkpointing
 from eridiffusion.train.optim import build_optimizer, build_scheduler
-from timing import graph_the_step, time_steps  # bench/timing.py
+from timing import time_steps  # bench/timing.py
 
 torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -93,7 +94,7 @@ def main():
     ap.add_argument("--no-ckpt", action="store_true", help="no gradient checkpointing")
     ap.add_argument("--ac-budget", type=float, help="instead of checkpointing: each compiled block's partitioner keeps this "
                     "fraction of its activations and recomputes the cheapest of the rest (torch's activation_memory_budget)")
-    ap.add_argument("--cuda-graph", action="store_true", help="the whole step captured as one CUDA graph and replayed")
+    ap.add_argument("--cuda-graph", action="store_true", help="train.cuda_graphs: the step replayed from CUDA graphs")
     args = ap.parse_args()
     dev = torch.device("cuda")
     if args.cap:
@@ -132,7 +133,7 @@ def main():
         torch._functorch.config.activation_memory_budget = args.ac_budget
     if not (args.no_ckpt or args.ac_budget is not None):
         blocks = [b for n in arch.block_lists for b in getattr(model, n)]
-        enable_checkpointing(model, blocks[:args.keep], preserve_rng=not args.cuda_graph)
+        enable_checkpointing(model, blocks[:args.keep], preserve_rng=False)
     if args.swap:
         from eridiffusion.train.offload import BlockSwap
 
@@ -148,9 +149,9 @@ def main():
         with attention_kernels(attention):
             return stepper.step([batch])
 
-    if args.cuda_graph:
-        step = graph_the_step(step, stepper, batch, opt, 4 if compiled else 2)
-    _, seconds = time_steps(step, 2 if args.cuda_graph else 4 if compiled else 2, 8)
+    if args.cuda_graph:  # train.cuda_graphs: captured on the third step, replayed from the fourth
+        stepper.graphs = StepGraphs(params, opt, stepper.generator, room=True)
+    _, seconds = time_steps(step, 4 if compiled else 2, 8)
     key = (f"{args.arch}_bs{args.bs}" + ("" if compiled else "_eager") + (f"_{args.qtype}" if args.qtype else "") + ("_fp8mm" if args.fp8mm else "")
            + (f"_swap{args.swap}" if args.swap else "") + (f"_keep{args.keep}" if args.keep else "") + f"_{attention}"
            + ("_nockpt" if args.no_ckpt else "") + ("_graph" if args.cuda_graph else "") + (f"_acb{args.ac_budget:g}" if args.ac_budget is not None else "") + (f"_cap{args.cap:g}" if args.cap else ""))

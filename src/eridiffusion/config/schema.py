@@ -335,6 +335,9 @@ class TrainConfig(Section):
     # steps there (torchao's CPUOffloadOptimizer); the GPU holds only the weights and gradients. A CPU run is unchanged
     optimizer_state_device: str = "device"
     attention_backend: str = "native"  # diffusers attention backend, e.g. flash, _flash_3, sage
+    # EriDiffusion's: the step replayed from CUDA graphs (no kernel waits on the host). "auto": where the run allows
+    # it (train/graphs.py says what blocks it); "on": the same, an error naming what blocks it; "off": never
+    cuda_graphs: str = "auto"
     limited = {
         "optimizer": ("adamw", "adam", "adamw8bit", "adam8bit", "sgd", "adafactor", "prodigy"),
         "lr_scheduler": ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "step"),
@@ -343,6 +346,7 @@ class TrainConfig(Section):
         "loss_type": ("mse",),
         "memory": ("off", "auto"),
         "optimizer_state_device": ("device", "cpu"),
+        "cuda_graphs": ("auto", "on", "off"),
     }
     unsupported = {
         "linear_timesteps": False, "xformers": False,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -107,6 +108,7 @@ class Stepper:
         self.skips_on_device = (bool(optimizer.defaults.get("fused")) and not self.scaler.is_enabled()) or \
             isinstance(optimizer, PerParameterOptimizer)
         self.nan_steps = self.nan_in_a_row = 0
+        self.graphs = None  # train.cuda_graphs: a graphs.StepGraphs
 
     def count(self, losses: list[float]) -> None:
         """Count NaN/inf steps among losses read back from the device."""
@@ -115,46 +117,60 @@ class Stepper:
             self.nan_steps += not finite
             self.nan_in_a_row = 0 if finite else self.nan_in_a_row + 1
 
-    def autocast(self):
-        # frozen weights are stored in the compute dtype, LoRA weights in fp32: autocast meets them halfway
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+    def autocast(self, cache: bool = True):
+        # frozen weights are stored in the compute dtype, LoRA weights in fp32: autocast meets them halfway. A CUDA
+        # graph's capture needs its cast cache off (the cached casts would be freed inside the graph)
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32, cache_enabled=cache)
 
     def step(self, batches) -> torch.Tensor:
-        """One optimizer step; returns the summed loss as a device tensor (read back only when logged)."""
+        """One optimizer step; returns the summed loss as a device tensor (read back only when logged). With
+        `graphs` (train.cuda_graphs) the forward/backward of each micro-batch and the update replay CUDA graphs."""
         total = None
         for i, batch in enumerate(batches):
             if batch.noise_seed is not None:
                 self.generator.manual_seed(batch.noise_seed)
             with no_sync(self.synced, last=i == len(batches) - 1):
-                latents = batch.latents if batch.latents is not None else self.arch.encode_images(
-                    *([batch.pixels] if batch.control is None else [batch.pixels, batch.control]))
-                with self.autocast():  # text encoders may carry trained LoRA layers too
-                    text = batch.text if batch.text is not None else self.arch.encode_prompts(batch.captions)
-                    per_sample = self.loss(latents, text, batch, self.generator)
-                loss = (per_sample * batch.loss_weights.to(per_sample.device)).mean() / len(batches)
-                self.scaler.scale(loss).backward()
-            total = loss.detach().float() if total is None else total + loss.detach().float()
+                run = functools.partial(self._forward_backward, share=len(batches))
+                loss = self.graphs.forward_backward(batch, run) if self.graphs else run(batch)
+            total = loss if total is None else total + loss
         total = self.processes.mean(total)  # every process skips a NaN step together: the gradients are shared
+        if not self.skips_on_device and not math.isfinite(total.item()):  # never apply a NaN/inf update
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            return total
+        if self.graphs:
+            self.graphs.update(total, self._update)
+        else:
+            self._update(total)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.step(self.params)
+        return total
+
+    def _forward_backward(self, batch, share: int) -> torch.Tensor:
+        latents = batch.latents if batch.latents is not None else self.arch.encode_images(
+            *([batch.pixels] if batch.control is None else [batch.pixels, batch.control]))
+        with self.autocast(cache=self.graphs is None):  # text encoders may carry trained LoRA layers too
+            text = batch.text if batch.text is not None else self.arch.encode_prompts(batch.captions)
+            per_sample = self.loss(latents, text, batch, self.generator)
+        loss = (per_sample * batch.loss_weights.to(per_sample.device)).mean() / share
+        self.scaler.scale(loss).backward()
+        return loss.detach().float()
+
+    def _update(self, total: torch.Tensor) -> None:
         if isinstance(self.optimizer, PerParameterOptimizer):
             pass  # stepped inside backward
         elif self.skips_on_device:
             # fused Adam/AdamW skip a step whose found_inf is set inside their kernel: no NaN/inf update is
             # applied and no host sync is needed to know it
             self.optimizer.found_inf = (~torch.isfinite(total)).float()
-        elif not math.isfinite(total.item()):  # never apply a NaN/inf update
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-            return total
         self.scaler.unscale_(self.optimizer)
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.step(self.params)
-        return total
+        # graphs keep the gradients where they are (every graph accumulates into them)
+        self.optimizer.zero_grad(set_to_none=self.graphs is None)
 
 
 def network_args(net) -> dict:
@@ -338,12 +354,16 @@ class Run:
         for p in self.params:  # LoRA of blocks kept in host memory (block swap) still trains on the device
             p.data = p.data.to(self.device)
         checkpointing = self.memory_plan.checkpointing if self.memory_plan else tc.gradient_checkpointing
+        kw = net.network_kwargs if net else None
+        self.dropout = bool(net and (net.dropout or kw.rank_dropout or kw.module_dropout))
+        self.offload = False
         if checkpointing:
             plan = self.memory_plan
-            enable_checkpointing(self.arch.denoiser, whole=blocks[:plan.whole_blocks if plan else 0],
-                                 offload=plan.offload_activations if plan else tc.gradient_checkpointing_cpu_offload,
-                                 keep_attention=tc.gradient_checkpointing_keep_attention)
-        self.block_swap = None
+            self.offload = plan.offload_activations if plan else tc.gradient_checkpointing_cpu_offload
+            # the recompute draws the same random numbers only if the RNG state is saved: needed for LoRA dropout alone
+            enable_checkpointing(self.arch.denoiser, whole=blocks[:plan.whole_blocks if plan else 0], offload=self.offload,
+                                 keep_attention=tc.gradient_checkpointing_keep_attention, preserve_rng=self.dropout)
+        self.block_swap, self.compiled = None, False
         if self.base.swap_blocks:
             from .offload import BlockSwap
 
@@ -358,6 +378,7 @@ class Run:
                 print("train.gradient_checkpointing_keep_attention: the blocks run uncompiled")
             else:
                 compile_denoiser(self.arch.denoiser, blocks, attention=self.attention)
+                self.compiled = True
         self.train_mode(True)
         # optimizer_state_device: cpu moves the state off the GPU; a CPU run keeps it in host memory anyway
         self.state_on_host = tc.optimizer_state_device == "cpu" and self.device.type == "cuda"
@@ -539,6 +560,7 @@ class Run:
             if self.memory_plan is not None:
                 (self.run_dir / "memory_plan.json").write_text(self.memory_plan.to_json())
         resumed = self.resume()
+        self._use_graphs()  # after resume: its optimizer state replaces the param groups' settings
         log_path = self.run_dir / "log.jsonl"
         if main and log_path.exists():  # keep the lines of steps up to the checkpoint: later ones are done again
             log_path.write_text("".join(line + "\n" for line in log_path.read_text().splitlines()
@@ -600,6 +622,29 @@ class Run:
         self.losses.close()
         return self.run_dir / f"{self.proc.name}.safetensors"
 
+    def _use_graphs(self) -> None:
+        """train.cuda_graphs: the step replayed from CUDA graphs where nothing in the run prevents it."""
+        tc = self.proc.train
+        if tc.cuda_graphs == "off":
+            return
+        from .graphs import StepGraphs, graph_blockers
+
+        blockers = graph_blockers(arch=self.arch, device=self.device, compiled=self.compiled, world=self.processes.world,
+                                  optimizer=self.optimizer, dtype=self.dtype, block_swap=bool(self.base.swap_blocks),
+                                  offload=self.offload, train_text_encoder=tc.train_text_encoder, dropout=self.dropout)
+        if blockers:
+            if tc.cuda_graphs == "on":
+                raise ValueError(f"train.cuda_graphs: on, but {'; '.join(blockers)} (set train.cuda_graphs: auto or off)")
+            if self.device.type == "cuda":
+                print(f"CUDA graphs: off ({blockers[0]})")
+            return
+        plan = self.memory_plan
+        # without room for an eager step beside the graphs' pool, a new batch shape (or a sample) frees the pool first
+        room = plan is None or plan.expected_peak + plan.activations <= plan.budget
+        self.stepper.graphs = StepGraphs(self.params, self.optimizer, self.generator, room=room)
+        print("CUDA graphs: on (each batch shape captured after its first steps" +
+              ("" if room else "; freed for a new shape or a sample, as memory is short") + ")")
+
     def out_of_memory(self, error: Exception):
         """Save the last complete step (the failed one changed nothing), then say what uses less memory."""
         self.optimizer.zero_grad(set_to_none=True)
@@ -660,6 +705,8 @@ class Run:
             self.ema.restore(self.params)
 
     def sample(self) -> None:
+        if self.stepper.graphs and not self.stepper.graphs.room:
+            self.stepper.graphs.drop()
         self.train_mode(False)
         without_assistant = self.assistant.removed(self.arch.denoiser) if self.assistant else contextlib.nullcontext()
         with self.ema_weights(), self.stepper.autocast(), without_assistant:

@@ -39,6 +39,8 @@ class Flux:
     quantize_exclude = ["x_embedder", "context_embedder", "proj_out", "norm_out*", "time_text_embed*"]
     model_kwargs = {"max_text_length": 512}  # the model.model_kwargs this architecture reads, with defaults
     attention_kernel = "cudnn"  # SDPA's kernel tried first (train/attention.py): 12 % less step time than flash (H200)
+    # the step reads only the batch's tensors and makes none on the host: it can replay from CUDA graphs (train/graphs.py)
+    cuda_graphs = True
 
     def __init__(self, proc, device: torch.device, dtype: torch.dtype):
         self.model_cfg, self.train_cfg = proc.model, proc.train
