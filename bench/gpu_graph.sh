@@ -20,4 +20,11 @@ product)  # train.cuda_graphs through the trainer: the tiny-Flux test (graphed a
   ours 130 flux --qtype float8 --fp8mm --keep 6 --cap 24 --cuda-graph
   ours 110 flux --qtype float8 --fp8mm --keep 12 --cap 24 --cuda-graph
   ;;
+moe)  # HiDream-I1 with its experts through grouped matmuls (no host sync, one graph per block), and FLUX.1 graphed
+  # with 5 blocks whole (its memory under 18 GiB)
+  timeout 200 python3 .whl/reference_step.py hidream_bs1_ckpt > $O/ref.log 2>&1; grep '^hidream' $O/ref.log
+  arch hidream --cap 24 --fp8mm --attention _native_cudnn --grouped-moe
+  arch hidream --cap 24 --fp8mm --attention _native_flash --grouped-moe
+  ours 100 flux --qtype float8 --fp8mm --keep 5 --cap 24 --cuda-graph
+  ;;
 esac
