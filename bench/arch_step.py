@@ -116,7 +116,8 @@ def main():
                     help="trace data-dependent shapes (HiDream's MoE masks) into the compiled graphs instead of breaking them")
     ap.add_argument("--ac-budget", type=float, help="instead of checkpointing (no swap): each compiled block's partitioner "
                     "keeps this fraction of its activations, recomputing the cheapest rest (torch's activation_memory_budget)")
-    ap.add_argument("--grouped-moe", action="store_true", help="HiDream's experts through grouped matmuls (bench/moe_grouped.py)")
+    ap.add_argument("--diffusers-moe", action="store_true", help="HiDream's experts through diffusers' loop, not the trainer's "
+                    "grouped matmuls (archs/hidream/moe.py)")
     ap.add_argument("--quantize", action="store_true", help="the plan for model.quantize: true (ai-toolkit's 24 GB examples)")
     ap.add_argument("--cuda-graph", action="store_true", help="train.cuda_graphs: the step replayed from CUDA graphs (no swap)")
     ap.add_argument("--small", action="store_true")
@@ -170,8 +171,8 @@ def main():
     torch.set_default_dtype(torch.float32)
     finish_loaded(model, base, arch.block_lists)  # quantized in place, swapped blocks to host memory
     arch.base = base
-    if args.grouped_moe:
-        from moe_grouped import use_grouped_experts
+    if args.arch == "hidream" and not args.diffusers_moe:  # as HiDream.load_denoiser does
+        from eridiffusion.archs.hidream.moe import use_grouped_experts
 
         print(f"grouped experts in {use_grouped_experts(model)} MoE layers", flush=True)
     if args.arch == "hidream" or video:  # (their load() builds the pipeline; these are what training reads)
@@ -230,7 +231,7 @@ def main():
     key = f"{args.arch}_{args.video if video else 'bs1'}_cap{args.cap:g}" + (f"_{args.storage}" if args.storage else "") + \
         (f"_swap{args.swap}" if args.swap is not None else "") + (f"_offload{args.offload}" if args.offload else "") + (f"_whole{args.whole}" if args.whole is not None else "") + \
         f"_{attention}" + ("_fp8mm" if args.fp8mm else "") + \
-        ("_keepattn" if args.keep_attention else "") + ("_quantize" if args.quantize else "") + ("_capture" if args.capture_dynamic else "") + ("_grouped" if args.grouped_moe else "") + (f"_acb{args.ac_budget:g}" if args.ac_budget is not None else "") + ("_eager" if args.eager else "") + ("_graph" if args.cuda_graph else "")
+        ("_keepattn" if args.keep_attention else "") + ("_quantize" if args.quantize else "") + ("_capture" if args.capture_dynamic else "") + ("_diffusersmoe" if args.diffusers_moe else "") + (f"_acb{args.ac_budget:g}" if args.ac_budget is not None else "") + ("_eager" if args.eager else "") + ("_graph" if args.cuda_graph else "")
     result = {key: {"step_s": round(seconds, 4), "oom": oom, "offload": offload, "whole": whole, "tokens": tokens,
                     "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                     "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,

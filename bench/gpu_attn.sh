@@ -16,7 +16,7 @@ image)  # FLUX.1 and SDXL with their reference; SD 3.5 Large cuDNN against flash
 moe)  # HiDream-I1 and Chroma with their reference
   timeout 200 python3 .whl/reference_step.py hidream_bs1_ckpt > $O/ref.log 2>&1; grep '^hidream' $O/ref.log
   timeout 120 python3 bench/reference_chroma.py .whl/reference_step.py >> $O/ref.log 2>&1; grep '^{' $O/ref.log | tail -1
-  arch hidream --cap 24 --fp8mm
+  arch hidream --cap 24 --fp8mm --diffusers-moe
   arch chroma --cap 24 --fp8mm
   ;;
 budget)  # FLUX.1: torch's activation-memory budget per compiled block instead of whole-block recompute, in the 24 GiB cap
@@ -32,10 +32,10 @@ chroma)  # Chroma with its reference: the plan for ai-toolkit's example (quantiz
   ;;
 hidream)  # HiDream-I1 with its reference: flash first, then its MoE traced into one graph per block (flash, cuDNN)
   timeout 200 python3 .whl/reference_step.py hidream_bs1_ckpt > $O/ref.log 2>&1; grep '^hidream' $O/ref.log
+  arch hidream --cap 24 --fp8mm --attention _native_flash --diffusers-moe
+  arch hidream --cap 24 --fp8mm --attention _native_flash --diffusers-moe --capture-dynamic
+  arch hidream --cap 24 --fp8mm --attention _native_cudnn --diffusers-moe --capture-dynamic
   arch hidream --cap 24 --fp8mm --attention _native_flash
-  arch hidream --cap 24 --fp8mm --attention _native_flash --capture-dynamic
-  arch hidream --cap 24 --fp8mm --attention _native_cudnn --capture-dynamic
-  arch hidream --cap 24 --fp8mm --attention _native_flash --grouped-moe
-  arch hidream --cap 24 --fp8mm --attention _native_cudnn --grouped-moe
+  arch hidream --cap 24 --fp8mm --attention _native_cudnn
   ;;
 esac

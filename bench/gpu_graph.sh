@@ -23,8 +23,14 @@ product)  # train.cuda_graphs through the trainer: the tiny-Flux test (graphed a
 moe)  # HiDream-I1 with its experts through grouped matmuls (no host sync, one graph per block), and FLUX.1 graphed
   # with 5 blocks whole (its memory under 18 GiB)
   timeout 200 python3 .whl/reference_step.py hidream_bs1_ckpt > $O/ref.log 2>&1; grep '^hidream' $O/ref.log
-  arch hidream --cap 24 --fp8mm --attention _native_cudnn --grouped-moe
-  arch hidream --cap 24 --fp8mm --attention _native_flash --grouped-moe
+  arch hidream --cap 24 --fp8mm --attention _native_cudnn
+  arch hidream --cap 24 --fp8mm --attention _native_flash
+  ours 100 flux --qtype float8 --fp8mm --keep 5 --cap 24 --cuda-graph
+  ;;
+final)  # the trainer's HiDream (grouped experts) and FLUX.1 (graphed, 5 blocks whole), each beside its reference
+  timeout 200 python3 .whl/reference_step.py hidream_bs1_ckpt > $O/ref.log 2>&1; grep '^hidream' $O/ref.log
+  arch hidream --cap 24 --fp8mm
+  timeout 120 python3 .whl/reference_step.py flux_bs1_ckpt >> $O/ref.log 2>&1; grep '^flux' $O/ref.log
   ours 100 flux --qtype float8 --fp8mm --keep 5 --cap 24 --cuda-graph
   ;;
 esac

@@ -24,6 +24,7 @@ from ..common import (check_flow_model_keys, encode_latents, folder_fingerprint,
 from ..sources import find_tokenizer_files, resolve_folder
 from . import formats
 from .formats import BLOCK_LISTS
+from .moe import use_grouped_experts
 
 COMPONENTS = ["transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
               "tokenizer_3", "scheduler"]
@@ -127,6 +128,7 @@ class HiDream:
                     HiDreamImageTransformer2DModel.load_config(main_root, subfolder="transformer", local_files_only=True))
             folder = main_root / "transformer"
             materialize(transformer, read_units(folder_readers(folder), BLOCK_LISTS), self.base, BLOCK_LISTS, str(folder))
+        use_grouped_experts(transformer)  # training's MoE through grouped matmuls (moe.py)
         self.transformer = self.denoiser = self.pipe.transformer = transformer
 
     def _llama_folder(self, root: Path) -> tuple[Path, Path]:
