@@ -81,3 +81,59 @@ def test_graphed_steps_train_as_the_eager_ones(tiny_flux, dataset, tmp_path, wri
     moved = max((eager_lora[k] - graph_lora[k]).abs().max().item() for k in eager_lora)
     scale = max(eager_lora[k].abs().max().item() for k in eager_lora)
     assert moved <= 2e-2 * scale, (moved, scale)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("room", [True, False])
+def test_step_graphs_follow_shapes_seeds_and_learning_rates(room):
+    """StepGraphs against the same steps run eagerly: two batch shapes in an irregular order, a noise seed per batch,
+    a learning rate that changes every step. Without room the graphs are dropped for each new shape and captured
+    again when next met (more captures), with the same results."""
+    from eridiffusion.data.dataset import Batch
+    from eridiffusion.train.graphs import StepGraphs
+    from eridiffusion.train.optim import build_scheduler
+
+    dev = torch.device("cuda")
+    shapes = [5, 5, 5, 3, 5, 3, 3, 5, 3, 5, 5, 3, 3, 5]
+    g = torch.Generator().manual_seed(1)
+    batches = [Batch(pixels=None, latents=torch.randn(2, n, 8, generator=g), captions=[], text={"e": torch.randn(2, 1, 8, generator=g)},
+                     original_sizes=[], crop_top_lefts=[], target_sizes=[], paths=[], loss_weights=torch.rand(2, generator=g),
+                     noise_seed=i) for i, n in enumerate(shapes)]
+
+    def train(graphed):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8)).to(dev)
+        params = list(model.parameters())
+        opt = build_optimizer("adamw", params, 1e-2, {})
+        schedule = build_scheduler("linear", opt, {"num_warmup_steps": 4}, len(batches))
+        gen = torch.Generator(dev)
+        graphs = StepGraphs(params, opt, gen, room=room) if graphed else None
+
+        def forward_backward(batch):
+            noise = torch.randn(batch.latents.shape, generator=gen, device=dev)
+            y = model(batch.latents.to(dev) + 0.1 * noise + batch.text["e"].to(dev))
+            loss = (y.pow(2).mean(dim=(1, 2)) * batch.loss_weights.to(dev)).mean()
+            loss.backward()
+            return loss.detach()
+
+        def update(total):
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=not graphed)
+
+        losses = []
+        for batch in batches:
+            gen.manual_seed(batch.noise_seed)
+            loss = graphs.forward_backward(batch, forward_backward) if graphs else forward_backward(batch)
+            graphs.update(loss, update) if graphs else update(loss)
+            schedule.step()
+            losses.append(loss)
+        return torch.stack(losses).cpu(), [p.detach().cpu() for p in params], graphs
+
+    eager_losses, eager_params, _ = train(False)
+    losses, params, graphs = train(True)
+    assert graphs.failed is None
+    assert graphs.captures == 3 if room else graphs.captures > 3  # two shapes and the update
+    torch.testing.assert_close(losses, eager_losses, rtol=1e-4, atol=1e-6)
+    for p, q in zip(params, eager_params):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)

@@ -141,8 +141,7 @@ class StepGraphs:
             self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
             print(f"warning: capturing the step as a CUDA graph failed ({self.failed}); continuing without CUDA graphs "
                   "(set train.cuda_graphs: off to skip them)", file=sys.stderr)
-            self.drop()
-            self.optimizer.zero_grad(set_to_none=False)
+            self.drop()  # a capture runs no kernel: the gradients still hold what the eager steps put there
             return None
         self.captures += 1
         self.graphs[key] = entry = _Graph(graph, static, output)
