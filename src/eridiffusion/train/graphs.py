@@ -1,6 +1,6 @@
 """`train.cuda_graphs`: the training step replayed from CUDA graphs, so that no kernel waits on the Python that
 launches it. A 12B transformer's step, compiled and checkpointed, spends ~18% of its time with the GPU idle
-between kernels (FLUX.1 on an H200, bench/RESULTS.md); replayed from a graph it took 0.42 s against 0.55 s.
+between kernels (on an H200, bench/RESULTS.md); replayed from a graph it took 0.42 s against 0.55 s.
 
 Two kinds of graph share one memory pool: each micro-batch's forward and backward (one graph per batch shape:
 aspect buckets), and the update (clipping, the optimizer, zeroing the gradients). The gradients and the

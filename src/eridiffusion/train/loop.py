@@ -596,8 +596,9 @@ class Run:
                 if saving or sampling or self.step % read_every == 0 or self.step % self.proc.logging.log_every == 0:
                     self.losses.flush()
                     shown = {"loss": f"{self.losses.smooth:.4f}" if self.losses.smooth is not None else "nan", "lr": f"{lr:.2e}"}
-                    if self.device.type == "cuda":
-                        shown["mem"] = f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.1f}G"
+                    if self.device.type == "cuda":  # a CUDA graph's pool is reserved, not counted as allocated
+                        peak = torch.cuda.max_memory_reserved if self.stepper.graphs else torch.cuda.max_memory_allocated
+                        shown["mem"] = f"{peak(self.device) / 2**30:.1f}G"
                     bar.set_postfix(shown, refresh=False)
                 bar.update(1)
                 if self.step % self.proc.logging.log_every == 0 and self.losses.window:
