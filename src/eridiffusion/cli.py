@@ -30,9 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         return launch(args.gpus, [a for a in argv if a != f"--gpus={args.gpus}"])
     # warnings (skipped images, truncated captions, ...) reach the terminal
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    finished = False
     try:
         for arg in args.config:
             run_job(arg, args.name)
+        finished = True
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         from .train.distributed import stop
 
-        stop()
+        stop(finished)
     return 0
 
 

@@ -88,8 +88,13 @@ def start(device: torch.device) -> tuple[Processes, torch.device]:
     return Processes(rank, world, local), device
 
 
-def stop() -> None:
+def stop(finished: bool = False) -> None:
+    """The process group closed. After a finished run every process first waits for the others, so no collective is
+    still in flight when the group goes (without it a gloo process aborted once at exit in CI, its run already saved);
+    after a failure it closes at once (torchrun stops the others)."""
     if dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
