@@ -21,8 +21,6 @@ from collections import Counter
 
 import torch
 
-MODES = ("auto", "on", "off")
-
 
 def graph_blockers(*, arch, device, compiled: bool, world: int, optimizer, dtype, block_swap: bool, offload: bool,
                    train_text_encoder: bool, dropout: bool) -> list[str]:
@@ -75,7 +73,7 @@ class StepGraphs:
     pool; without it every graph is dropped before a new shape's eager step, and captured again when next met."""
 
     def __init__(self, params, optimizer, generator, *, room: bool, warmup: int = 2):
-        self.params, self.optimizer, self.generator, self.room = params, optimizer, generator, room
+        self.optimizer, self.generator, self.room = optimizer, generator, room
         self.warmup = warmup  # eager runs of a shape before its capture (the first shape; later ones: 1)
         self.graphs: dict[tuple, _Graph] = {}
         self.seen: Counter = Counter()
@@ -98,8 +96,9 @@ class StepGraphs:
         entry = self.graphs.get(key) or self._maybe_capture(key, run, lambda: _static_batch(batch, self.generator.device))
         if entry is None:
             return run(batch)
+        static = _batch_parts(entry.inputs)
         for name, value in _batch_parts(batch).items():
-            _batch_parts(entry.inputs)[name].copy_(value, non_blocking=True)
+            static[name].copy_(value, non_blocking=True)
         entry.graph.replay()
         return entry.output.clone()
 
@@ -110,8 +109,7 @@ class StepGraphs:
         key = ("update",)
         entry = self.graphs.get(key)
         if entry is None:
-            with self._lr_tensors():
-                entry = self._maybe_capture(key, run, total.clone)
+            entry = self._maybe_capture(key, run, total.clone, around=self._lr_tensors)
             if entry is None:
                 return run(total)
         for lr, group in zip(self.lrs, self.optimizer.param_groups):
@@ -120,9 +118,9 @@ class StepGraphs:
         entry.graph.replay()
 
     # ---- capture ----------------------------------------------------------------------------------
-    def _maybe_capture(self, key, fn, make_inputs) -> _Graph | None:
+    def _maybe_capture(self, key, fn, make_inputs, around=contextlib.nullcontext) -> _Graph | None:
         """None while the shape is still warming up (run it eagerly), else its new graph: `fn` captured on the
-        static inputs `make_inputs()` gives."""
+        static inputs `make_inputs()` gives, inside the context `around()`."""
         self.seen[key] += 1
         if self.seen[key] == 1 and self.graphs and not self.room and key[0] == "micro":
             self.drop()  # this shape's eager step needs the memory the pool holds
@@ -133,12 +131,12 @@ class StepGraphs:
         static, graph = make_inputs(), torch.cuda.CUDAGraph()
         try:
             graph.register_generator_state(self.generator)
-            with torch.cuda.graph(graph, pool=self.pool):
+            with around(), torch.cuda.graph(graph, pool=self.pool):
                 output = fn(static)
         except (torch.OutOfMemoryError, KeyboardInterrupt):
             raise
         except Exception as e:  # noqa: BLE001 - any capture failure: the run goes on eagerly, as before
-            self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            self.failed = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
             print(f"warning: capturing the step as a CUDA graph failed ({self.failed}); continuing without CUDA graphs "
                   "(set train.cuda_graphs: off to skip them)", file=sys.stderr)
             self.drop()  # a capture runs no kernel: the gradients still hold what the eager steps put there
